@@ -1,0 +1,42 @@
+"""The ``imgembed`` command: one subcommand per stage, each in its own module.
+
+Subcommands are imported only when run, so ``imgembed --help`` does not pay
+for importing TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+# subcommand: (module with main(argv) -> exit code, one-line help)
+COMMANDS = {
+    "embed": ("pipelines.embed", "embed image files into Parquet with a MobileNet V1 model (Beam)"),
+    "models": ("models.catalogue", "list the models known by short name"),
+}
+
+USAGE = "usage: imgembed <command> [flags]   (imgembed <command> --help for its flags)\n\n" + "\n".join(
+    f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"imgembed: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    # TensorFlow's C++ start-up chatter hides our output; users can still set it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""``imgembed embed``: image files -> MobileNet V1 embeddings in Parquet, on Beam.
+
+    files --ReadImageFiles--> (uri, bytes) --DecodeAndResize--> (ImageKey, uint8 pixels)
+          --RunInference(EmbeddingModelHandler)--> embedding rows --> Parquet
+    every stage's failures -----------------------------------------> error rows --> Parquet
+
+Runs on any Beam runner; every flag not defined here goes to Beam (``--runner``,
+``--direct_num_workers``, Dataflow's ``--project``/``--region``/``--setup_file``...).
+
+    imgembed embed --input 'photos/*.jpg' --output out/ --model mobilenet_v1_050_160
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from imgembed.units import parse_size
+from models.errors import ModelLoadError
+from models.loading import check_available, resolve_spec
+from models.registry import EMBEDDED_MODEL_NAME, ModelSpec
+from pipelines import outputs
+from pipelines.dead_letters import ERRORS, METRICS_NAMESPACE
+from pipelines.default_corpus import default_corpus_patterns
+from pipelines.model_handler import EmbeddingModelHandler
+from pipelines.preprocess import DecodeAndResize
+from pipelines.records import STAGE_INFERENCE, embedding_row, embedding_schema, error_row
+from pipelines.sources import InputError, ReadImageFiles, expand_patterns
+from transforms.decode import DecodeLimits
+from transforms.resize import Preprocessing, ResizeMode
+
+INFERENCE_FAILED = "inference_failed"
+# Without --runner, run locally on every core; DirectRunner alone uses one.
+DEFAULT_RUNNER_ARGS = [
+    "--runner=DirectRunner",
+    "--direct_running_mode=multi_processing",
+    "--direct_num_workers=0",
+]
+_log = logging.getLogger(__name__)
+
+
+class EmbedOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--input",
+            dest="inputs",
+            action="append",
+            help="File glob or folder, any Beam filesystem (gs://, s3://, local); repeat "
+            "for several. Default: the sample photos that scikit-image and scikit-learn ship.",
+        )
+        parser.add_argument("--output", help="Output folder (required).")
+        parser.add_argument(
+            "--model",
+            default=EMBEDDED_MODEL_NAME,
+            help="Short name (see `imgembed models`), TF Hub handle/URL, or SavedModel "
+            f"folder. Default: {EMBEDDED_MODEL_NAME}, real weights shipped offline.",
+        )
+        parser.add_argument(
+            "--resize",
+            default=ResizeMode.CROP.value,
+            help="crop: centred square then resize; squash: resize the whole image; "
+            "pad: fit inside and pad with grey. Default: crop.",
+        )
+        parser.add_argument(
+            "--central-fraction",
+            dest="central_fraction",
+            type=float,
+            default=1.0,
+            help="Keep only this central fraction of each side first (ImageNet "
+            "evaluation uses 0.875). Default: 1.0.",
+        )
+        parser.add_argument(
+            "--batch-size",
+            dest="batch_size",
+            type=int,
+            default=32,
+            help="Largest batch given to the model. Default: 32.",
+        )
+        parser.add_argument(
+            "--max-file-bytes",
+            dest="max_file_bytes",
+            default="64MiB",
+            help="Larger files become error rows unread (e.g. 64MiB, 1G). Default: 64MiB.",
+        )
+        parser.add_argument(
+            "--max-image-pixels",
+            dest="max_image_pixels",
+            type=int,
+            default=DecodeLimits.max_pixels,
+            help=f"Images with more pixels become error rows undecoded. Default: {DecodeLimits.max_pixels}.",
+        )
+        parser.add_argument(
+            "--overwrite",
+            action="store_true",
+            default=False,
+            help="Replace the outputs of an earlier run in --output.",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    """The validated settings of one embed run."""
+
+    patterns: tuple[str, ...]
+    output_dir: str
+    model: ModelSpec
+    preprocessing: Preprocessing
+    limits: DecodeLimits
+    batch_size: int
+    overwrite: bool
+
+    @classmethod
+    def from_options(cls, options: EmbedOptions) -> EmbedConfig:
+        if not options.output:
+            raise ValueError("--output is required")
+        if options.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
+        return cls(
+            patterns=tuple(expand_patterns(options.inputs or default_corpus_patterns())),
+            output_dir=options.output.rstrip("/") or "/",
+            model=resolve_spec(options.model),
+            preprocessing=Preprocessing(options.resize, options.central_fraction),
+            limits=DecodeLimits(
+                max_file_bytes=parse_size(options.max_file_bytes),
+                max_pixels=options.max_image_pixels,
+            ),
+            batch_size=options.batch_size,
+            overwrite=options.overwrite,
+        )
+
+    def file_metadata(self) -> dict:
+        return {"model": self.model.to_metadata(), "preprocessing": self.preprocessing.to_metadata()}
+
+
+def _inference_errors(failed):
+    """RunInference's dead letters are (batch, exception); one error row per image."""
+    batch, exception = failed
+    message = f"{type(exception).__name__}: {exception}"
+    for key, _pixels in batch:
+        yield error_row(key.uri, STAGE_INFERENCE, INFERENCE_FAILED, message)
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: EmbedConfig) -> None:
+    files = pipeline | "ReadFiles" >> ReadImageFiles(list(config.patterns), config.limits)
+    images = files.files | "DecodeAndResize" >> beam.ParDo(
+        DecodeAndResize(config.preprocessing, config.model.image_size, config.limits)
+    ).with_outputs(ERRORS, main="images")
+
+    handler = KeyedModelHandler(EmbeddingModelHandler(config.model, max_batch_size=config.batch_size))
+    embedded, dead_letters = images.images | "Embed" >> RunInference(handler).with_exception_handling()
+
+    schema = embedding_schema(config.model.output_dim, config.file_metadata())
+    _ = (
+        embedded
+        | "ToRows" >> beam.MapTuple(lambda key, result: embedding_row(key, result.inference))
+        | "WriteEmbeddings"
+        >> outputs.WriteParquet(outputs.embeddings_prefix(config.output_dir, config.model.name), schema)
+    )
+    inference_errors = dead_letters.failed_inferences | "InferenceErrors" >> beam.FlatMap(_inference_errors)
+    errors = (files[ERRORS], images[ERRORS], inference_errors) | "AllErrors" >> beam.Flatten()
+    outputs.write_errors(errors, config.output_dir)
+
+
+def _prepare_output(config: EmbedConfig) -> None:
+    stale = outputs.existing_outputs(config.output_dir, [config.model.name])
+    if stale and not config.overwrite:
+        raise ValueError(
+            f"{config.output_dir} already holds outputs of an earlier run ({stale[0]} ...); "
+            "pass --overwrite to replace them or choose another --output"
+        )
+    if stale:
+        FileSystems.delete(stale)
+
+
+def _counter(result, name: str) -> int | None:
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name))
+    except NotImplementedError:  # some runners cannot report metrics
+        return None
+    values = [counter.result for counter in found["counters"]]
+    return sum(values) if values else 0
+
+
+def _model_images_per_sec(result) -> float | None:
+    try:
+        found = result.metrics().query(MetricsFilter().with_name("inference_batch_latency_micro_secs"))
+    except NotImplementedError:
+        return None
+    inferences = _counter(result, "num_inferences")
+    micros = sum(dist.result.sum for dist in found["distributions"])
+    return inferences / (micros / 1e6) if micros and inferences else None
+
+
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> outputs.RunSummary:
+    options = PipelineOptions(argv)
+    config = EmbedConfig.from_options(options.view_as(EmbedOptions))
+    check_available(config.model)
+    _prepare_output(config)
+
+    started = time.monotonic()
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    build_pipeline(pipeline, config)
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    summary = outputs.RunSummary(
+        model=config.model.name,
+        inputs=_counter(result, "inputs"),
+        rows=outputs.count_rows(outputs.embeddings_glob(config.output_dir, config.model.name)),
+        errors_by_reason=outputs.count_errors_by_reason(outputs.errors_glob(config.output_dir)),
+        seconds=time.monotonic() - started,
+        model_images_per_sec=_model_images_per_sec(result),
+        embeddings=outputs.embeddings_glob(config.output_dir, config.model.name),
+        errors=outputs.errors_glob(config.output_dir),
+    )
+    outputs.write_summary(config.output_dir, summary)
+    return summary
+
+
+def print_help() -> None:
+    parser = argparse.ArgumentParser(
+        prog="imgembed embed",
+        description="Embed image files into Parquet with a MobileNet V1 model on Apache Beam. "
+        "Any other flag goes to Beam (--runner, --direct_num_workers, Dataflow flags); "
+        "without --runner the job runs locally on every core.",
+    )
+    EmbedOptions._add_argparse_args(parser)
+    parser.print_help()
+
+
+def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return 0
+    if not any(arg.startswith("--runner") for arg in argv):
+        argv = [*argv, *DEFAULT_RUNNER_ARGS]
+    try:
+        summary = run(argv)
+    except (InputError, ModelLoadError, ValueError) as error:
+        print(f"imgembed embed: {error}", file=sys.stderr)
+        return 2
+    print(summary.report())
+    return 0 if summary.balanced else 1

@@ -1,0 +1,50 @@
+"""Beam ModelHandler for our Embedders, so RunInference does batching, model
+sharing, metrics and the dead-letter output.
+
+Examples are uint8 [S, S, 3] arrays; the batch is scaled to float32 [0, 1]
+here, the TF Hub image convention, right before the model call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from models.loading import Embedder, load_model
+from models.registry import ModelSpec
+
+METRICS_NAMESPACE = "imgembed"
+
+
+def scale_pixels(batch: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [0, 1], the exact values every model sees."""
+    return np.divide(batch, 255.0, dtype=np.float32)
+
+
+class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]):
+    def __init__(self, spec: ModelSpec, *, max_batch_size: int = 32):
+        super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
+        self._spec = spec
+
+    def load_model(self) -> Embedder:
+        return load_model(self._spec)
+
+    def run_inference(
+        self,
+        batch: Sequence[np.ndarray],
+        model: Embedder,
+        inference_args: dict | None = None,
+    ) -> Iterable[PredictionResult]:
+        vectors = model(scale_pixels(np.stack(batch)))
+        return [
+            PredictionResult(pixels, vector, self._spec.name)
+            for pixels, vector in zip(batch, vectors, strict=True)
+        ]
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(pixels.nbytes for pixels in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return METRICS_NAMESPACE

@@ -1,0 +1,42 @@
+"""Beam DoFn: (uri, bytes) -> (ImageKey, uint8 [S, S, 3] model input), or an error row.
+
+Pixels stay uint8 until the model handler: a quarter of the bytes of float32
+between stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from pipelines.dead_letters import METRICS_NAMESPACE, dead_letter
+from pipelines.records import STAGE_DECODE, ImageKey, image_id
+from transforms.decode import DecodeLimits, ImageError, decode_image
+from transforms.resize import Preprocessing
+
+# An exception we did not foresee; the message names its type.
+DECODE_FAILED = "decode_failed"
+
+
+class DecodeAndResize(beam.DoFn):
+    def __init__(self, preprocessing: Preprocessing, image_size: int, limits: DecodeLimits):
+        self._preprocessing = preprocessing
+        self._image_size = image_size
+        self._limits = limits
+        self._decoded = Metrics.counter(METRICS_NAMESPACE, "images_decoded")
+
+    def process(self, element):
+        uri, data = element
+        try:
+            image = decode_image(data, self._limits)
+            pixels = self._preprocessing.apply(image, self._image_size)
+        except ImageError as error:
+            return [dead_letter(uri, STAGE_DECODE, error.reason, error.message)]
+        except Exception as error:  # a decoder bug must cost one row, not the job
+            return [dead_letter(uri, STAGE_DECODE, DECODE_FAILED, f"{type(error).__name__}: {error}")]
+        self._decoded.inc()
+        width, height = image.size
+        key = ImageKey(image_id(uri), uri, width, height, hashlib.sha256(data).hexdigest())
+        return [(key, pixels)]

@@ -1,0 +1,83 @@
+"""The rows the pipeline writes: embeddings and errors, and their Parquet schemas.
+
+Every input becomes exactly one of them. ``id`` is derived from the input's URI,
+so it is the same on every run and joins embeddings, errors and index results.
+
+>>> image_id("gs://bucket/cat.jpg")
+'9f4d3b6a...'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+# Where the error happened; with `reason` it says what to fix.
+STAGE_READ = "read"
+STAGE_DECODE = "decode"
+STAGE_INFERENCE = "inference"
+
+# Parquet key-value metadata key holding the model and preprocessing as JSON.
+METADATA_KEY = b"imgembed"
+
+ERROR_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("uri", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+
+class ImageKey(NamedTuple):
+    """What we know of an input besides its pixels; travels with them through inference."""
+
+    id: str
+    uri: str
+    width: int
+    height: int
+    sha256: str
+
+
+def image_id(uri: str) -> str:
+    # 128 bits: collisions stay negligible at billions of images.
+    return hashlib.blake2b(uri.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def error_row(uri: str, stage: str, reason: str, message: str) -> dict:
+    return {"id": image_id(uri), "uri": uri, "stage": stage, "reason": reason, "message": message}
+
+
+def embedding_schema(output_dim: int, metadata: dict) -> pa.Schema:
+    """Schema of ``embeddings-*.parquet``; ``metadata`` names model and preprocessing."""
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("uri", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("sha256", pa.string()),
+            ("embedding", pa.list_(pa.float32(), output_dim)),
+        ],
+        metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()},
+    )
+
+
+def embedding_row(key: ImageKey, embedding: np.ndarray) -> dict:
+    row = key._asdict()
+    row["embedding"] = embedding
+    return row
+
+
+def read_metadata(schema: pa.Schema) -> dict:
+    """The model and preprocessing an embeddings file was written with."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError("not an imgembed embeddings file: no imgembed metadata in its schema")
+    return json.loads(raw)

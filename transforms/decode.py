@@ -1,0 +1,186 @@
+"""Bytes of an image file -> an upright 8-bit RGB PIL image, or an ImageError.
+
+Whatever the file holds (JPEG, PNG, GIF, WebP, BMP, TIFF; grayscale, 16-bit,
+CMYK, palette, alpha; any EXIF orientation) the result is RGB as a viewer would
+show it. Transparent areas are composited over white. Animated and multi-page
+files give their first frame. Limits are checked from the header, before any
+pixel is decoded, so a decompression bomb costs nothing.
+
+>>> image = decode_image(open("cat.jpg", "rb").read(), DecodeLimits())
+>>> image.mode
+'RGB'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+# We enforce our own pixel limit (DecodeLimits.max_pixels) before decoding;
+# Pillow's global guard would otherwise raise or warn with its own threshold.
+Image.MAX_IMAGE_PIXELS = None
+
+# Short reason codes of the error rows. Each names one thing a user can fix.
+EMPTY_FILE = "empty_file"
+FILE_TOO_LARGE = "file_too_large"
+NOT_AN_IMAGE = "not_an_image"
+UNSUPPORTED_FORMAT = "unsupported_format"
+TOO_MANY_PIXELS = "too_many_pixels"
+TRUNCATED = "truncated"
+CORRUPT = "corrupt"
+
+_SRGB = ImageCms.createProfile("sRGB")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+
+
+class ImageError(Exception):
+    """An input that cannot become an image; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLimits:
+    """Inputs larger than these are refused with an error row, not decoded.
+
+    The defaults admit a 100-megapixel photo (about 300 MB as RGB) and a
+    64 MiB file; raise them for scans or medium-format cameras.
+    """
+
+    max_file_bytes: int = 64 * 2**20
+    max_pixels: int = 100_000_000
+
+    def __post_init__(self):
+        if self.max_file_bytes < 1 or self.max_pixels < 1:
+            raise ValueError(f"decode limits must be positive, got {self}")
+
+
+def check_file_size(num_bytes: int, limits: DecodeLimits) -> None:
+    """Refuses empty and oversized files before their bytes are read."""
+    if num_bytes == 0:
+        raise ImageError(EMPTY_FILE, "the file is empty (0 bytes)")
+    if num_bytes > limits.max_file_bytes:
+        raise ImageError(
+            FILE_TOO_LARGE,
+            f"{num_bytes} bytes is over the limit of {limits.max_file_bytes} (--max-file-bytes)",
+        )
+
+
+def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
+    check_file_size(len(data), limits)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        if data.startswith(_TIFF_MAGIC):
+            return _decode_scientific_tiff(data, limits)
+        raise _unidentified(data) from None
+    _check_pixels(*image.size, limits)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns on odd but readable files (e.g. bad EXIF); they decode.
+            warnings.simplefilter("ignore")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as error:
+        # Pillow reports a cut-off file as "truncated" or "not enough data"; the
+        # rest (bad CRC, broken Huffman tables, ...) is damage inside the file.
+        text = str(error) or type(error).__name__
+        if "truncated" in text or "not enough data" in text:
+            raise ImageError(TRUNCATED, f"{image.format} file is cut short: {text}") from None
+        raise ImageError(CORRUPT, f"{image.format} data is damaged: {text}") from None
+
+
+def _check_pixels(width: int, height: int, limits: DecodeLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            TOO_MANY_PIXELS,
+            f"{width}x{height} is over the limit of {limits.max_pixels} pixels (--max-image-pixels)",
+        )
+
+
+def _decode_scientific_tiff(data: bytes, limits: DecodeLimits) -> Image.Image:
+    """TIFFs Pillow cannot open (float or planar samples, microscopy and remote
+    sensing files) through tifffile: first page, scaled to 8 bits."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            page = tiff.pages[0]
+            planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1
+            _check_pixels(page.imagewidth, page.imagelength, limits)
+            pixels = page.asarray()
+    except ImageError:
+        raise
+    except Exception as error:  # tifffile raises many kinds on damaged files
+        raise ImageError(CORRUPT, f"TIFF data is damaged: {error}") from None
+    if planar:
+        pixels = np.moveaxis(pixels, 0, -1)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.ndim != 3 or pixels.shape[-1] not in (1, 3, 4):
+        raise ImageError(
+            UNSUPPORTED_FORMAT, f"TIFF with sample layout {pixels.shape} is not an image we can show"
+        )
+    pixels = _to_uint8(pixels[..., :3])
+    return Image.fromarray(np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels, "RGB")
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Integer samples by their type's range; floats as [0, 1] unless they exceed it."""
+    if np.issubdtype(pixels.dtype, np.integer):
+        full_scale = float(np.iinfo(pixels.dtype).max)
+    else:
+        pixels = np.nan_to_num(pixels.astype(np.float64))
+        full_scale = max(1.0, float(pixels.max()))
+    return np.clip(pixels / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _unidentified(data: bytes) -> ImageError:
+    head = data[:512].lstrip().lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
+        return ImageError(UNSUPPORTED_FORMAT, "SVG vector images are not supported; rasterise them first")
+    if head.startswith((b"<!doctype html", b"<html")):
+        return ImageError(NOT_AN_IMAGE, "the file is an HTML page, not an image")
+    return ImageError(NOT_AN_IMAGE, "no image format recognises these bytes")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _high_depth_gray_to_rgb(image)
+    if image.mode == "CMYK":
+        return _cmyk_to_rgb(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_depth_gray_to_rgb(image: Image.Image) -> Image.Image:
+    # Pillow's convert("RGB") clips 16-bit values at 255 (a white image);
+    # scale the full range down instead.
+    pixels = np.asarray(image)
+    if image.mode == "I":  # 32-bit container, 16-bit PNG data
+        pixels = pixels.clip(0, 65535).astype(np.uint16)
+    return Image.fromarray(_to_uint8(pixels), "L").convert("RGB")
+
+
+def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
+    # Print files carry an ICC profile; without it Pillow's naive formula is
+    # the best we can do.
+    icc = image.info.get("icc_profile")
+    if icc:
+        try:
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            pass
+    return image.convert("RGB")

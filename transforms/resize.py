@@ -1,0 +1,88 @@
+"""An RGB image -> the model's square input, as uint8 [S, S, 3].
+
+Three ways to fit a photo into a square, chosen with ``--resize``:
+- ``crop``: cut the largest centred square, then resize it (keeps aspect, loses edges);
+- ``squash``: resize the whole image to the square (keeps everything, distorts);
+- ``pad``: resize the whole image inside the square and fill the rest with grey
+  (keeps everything and the aspect; "letterbox").
+``central_fraction`` first keeps only the centre of the image (each side times the
+fraction), as ImageNet evaluation does with 0.875.
+
+Resampling is bilinear with Pillow's area-aware filter, so downscaling averages
+all source pixels instead of sampling a few (no aliasing).
+
+>>> Preprocessing(ResizeMode.CROP).apply(Image.new("RGB", (640, 480)), 224).shape
+(224, 224, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import numpy as np
+from PIL import Image
+
+# Grey 128 becomes ~0 after the [-1, 1] scaling MobileNet was trained with, so
+# padding adds the least signal of any fill.
+PAD_VALUE = 128
+
+
+class ResizeMode(str, enum.Enum):
+    CROP = "crop"
+    SQUASH = "squash"
+    PAD = "pad"
+
+    @classmethod
+    def parse(cls, value: str) -> ResizeMode:
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(mode.value for mode in cls)
+            raise ValueError(f"--resize must be one of {allowed}, got {value!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How a decoded image becomes model input; stored with every output."""
+
+    mode: ResizeMode = ResizeMode.CROP
+    central_fraction: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", ResizeMode.parse(self.mode))
+        if not 0.0 < self.central_fraction <= 1.0:
+            raise ValueError(f"central fraction must be in (0, 1], got {self.central_fraction}")
+
+    def to_metadata(self) -> dict:
+        return {
+            "resize": self.mode.value,
+            "central_fraction": self.central_fraction,
+            "resample": "bilinear",
+            "pad_value": PAD_VALUE,
+            "input_range": "rgb/255 in [0, 1]",
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> Preprocessing:
+        return cls(ResizeMode.parse(metadata["resize"]), float(metadata["central_fraction"]))
+
+    def apply(self, image: Image.Image, size: int) -> np.ndarray:
+        width, height = image.size
+        box_width, box_height = width * self.central_fraction, height * self.central_fraction
+        if self.mode is ResizeMode.CROP:
+            box_width = box_height = min(box_width, box_height)
+        box = (
+            (width - box_width) / 2,
+            (height - box_height) / 2,
+            (width + box_width) / 2,
+            (height + box_height) / 2,
+        )
+        if self.mode is not ResizeMode.PAD:
+            return np.asarray(image.resize((size, size), Image.BILINEAR, box=box))
+        scale = size / max(box_width, box_height)
+        inner = (max(1, round(box_width * scale)), max(1, round(box_height * scale)))
+        canvas = Image.new("RGB", (size, size), (PAD_VALUE,) * 3)
+        offset = ((size - inner[0]) // 2, (size - inner[1]) // 2)
+        canvas.paste(image.resize(inner, Image.BILINEAR, box=box), offset)
+        return np.asarray(canvas)
