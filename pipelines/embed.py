@@ -125,15 +125,20 @@ class EmbedConfig:
             raise ValueError("--output is required")
         if options.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
+        # Cheap checks first, so a typo is reported before inputs are listed or a
+        # model is downloaded.
+        preprocessing = Preprocessing(options.resize, options.central_fraction)
+        limits = DecodeLimits(
+            max_file_bytes=parse_size(options.max_file_bytes),
+            max_pixels=options.max_image_pixels,
+        )
+        patterns = tuple(expand_patterns(options.inputs or default_corpus_patterns()))
         return cls(
-            patterns=tuple(expand_patterns(options.inputs or default_corpus_patterns())),
+            patterns=patterns,
             output_dir=options.output.rstrip("/") or "/",
             model=resolve_spec(options.model),
-            preprocessing=Preprocessing(options.resize, options.central_fraction),
-            limits=DecodeLimits(
-                max_file_bytes=parse_size(options.max_file_bytes),
-                max_pixels=options.max_image_pixels,
-            ),
+            preprocessing=preprocessing,
+            limits=limits,
             batch_size=options.batch_size,
             overwrite=options.overwrite,
         )

@@ -83,6 +83,10 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
         raise _unidentified(data) from None
     _check_pixels(*image.size, limits)
     try:
+        if image.format == "PNG":
+            # Pillow skips the CRCs of pixel chunks when decoding; a bad one means
+            # the bytes changed after writing, so check them all first.
+            Image.open(io.BytesIO(data)).verify()
         with warnings.catch_warnings():
             # Pillow warns on odd but readable files (e.g. bad EXIF); they decode.
             warnings.simplefilter("ignore")
@@ -93,7 +97,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
         # Pillow reports a cut-off file as "truncated" or "not enough data"; the
         # rest (bad CRC, broken Huffman tables, ...) is damage inside the file.
         text = str(error) or type(error).__name__
-        if "truncated" in text or "not enough data" in text:
+        if "truncated" in text.lower() or "not enough data" in text:
             raise ImageError(TRUNCATED, f"{image.format} file is cut short: {text}") from None
         raise ImageError(CORRUPT, f"{image.format} data is damaged: {text}") from None
 
@@ -147,6 +151,10 @@ def _unidentified(data: bytes) -> ImageError:
     head = data[:512].lstrip().lower()
     if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
         return ImageError(UNSUPPORTED_FORMAT, "SVG vector images are not supported; rasterise them first")
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"mif1", b"msf1"):
+        return ImageError(UNSUPPORTED_FORMAT, "HEIC/HEIF is not supported; convert to JPEG first")
+    if data.startswith(b"%PDF"):
+        return ImageError(UNSUPPORTED_FORMAT, "PDF documents are not supported; rasterise pages first")
     if head.startswith((b"<!doctype html", b"<html")):
         return ImageError(NOT_AN_IMAGE, "the file is an HTML page, not an image")
     return ImageError(NOT_AN_IMAGE, "no image format recognises these bytes")

@@ -68,21 +68,24 @@ class Preprocessing:
         return cls(ResizeMode.parse(metadata["resize"]), float(metadata["central_fraction"]))
 
     def apply(self, image: Image.Image, size: int) -> np.ndarray:
-        width, height = image.size
-        box_width, box_height = width * self.central_fraction, height * self.central_fraction
-        if self.mode is ResizeMode.CROP:
-            box_width = box_height = min(box_width, box_height)
-        box = (
-            (width - box_width) / 2,
-            (height - box_height) / 2,
-            (width + box_width) / 2,
-            (height + box_height) / 2,
-        )
+        box = self._kept_box(*image.size)
+        if box != (0, 0, *image.size):
+            # Crop first: resizing with a box would blend in pixels outside it.
+            image = image.crop(box)
         if self.mode is not ResizeMode.PAD:
-            return np.asarray(image.resize((size, size), Image.BILINEAR, box=box))
-        scale = size / max(box_width, box_height)
-        inner = (max(1, round(box_width * scale)), max(1, round(box_height * scale)))
+            return np.asarray(image.resize((size, size), Image.BILINEAR))
+        width, height = image.size
+        scale = size / max(width, height)
+        inner = (max(1, round(width * scale)), max(1, round(height * scale)))
         canvas = Image.new("RGB", (size, size), (PAD_VALUE,) * 3)
-        offset = ((size - inner[0]) // 2, (size - inner[1]) // 2)
-        canvas.paste(image.resize(inner, Image.BILINEAR, box=box), offset)
+        canvas.paste(image.resize(inner, Image.BILINEAR), ((size - inner[0]) // 2, (size - inner[1]) // 2))
         return np.asarray(canvas)
+
+    def _kept_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The centred pixels that survive; rounded like tf.image.central_crop."""
+        kept_width = width - 2 * int((width - width * self.central_fraction) / 2)
+        kept_height = height - 2 * int((height - height * self.central_fraction) / 2)
+        if self.mode is ResizeMode.CROP:
+            kept_width = kept_height = min(kept_width, kept_height)
+        left, top = (width - kept_width) // 2, (height - kept_height) // 2
+        return left, top, left + kept_width, top + kept_height

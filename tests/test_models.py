@@ -1,0 +1,129 @@
+"""Model loading: the embedded real weights, SavedModel folders, and TF Hub URLs
+served from a real HTTP server on loopback (standing in for tfhub.dev)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import socket
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.errors import ModelLoadError
+from models.loading import check_available, load_model, resolve_spec
+from models.registry import EMBEDDED_MODEL_NAME, KNOWN_MODELS, Flavour
+from pipelines.default_corpus import default_corpus_patterns
+from pipelines.model_handler import scale_pixels
+from transforms.resize import Preprocessing, ResizeMode
+
+# ImageNet classes 282-286 of the 1001-way output are the domestic cats.
+CAT_CLASSES = set(range(282, 287))
+
+
+@contextlib.contextmanager
+def serve_folder(folder):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_model(KNOWN_MODELS[EMBEDDED_MODEL_NAME])
+
+
+def test_embedded_model_is_a_hub_style_feature_vector(embedded):
+    images = np.random.default_rng(0).random((3, 224, 224, 3), dtype=np.float32)
+    vectors = embedded(images)
+    assert vectors.shape == (3, 1024) and vectors.dtype == np.float32
+    # The frozen graph had a batch of one; each image must not depend on its batch.
+    np.testing.assert_allclose(embedded(images[1:2])[0], vectors[1], rtol=1e-4, atol=1e-5)
+
+
+def test_embedded_classifier_knows_a_cat_offline():
+    """Real ImageNet weights: scikit-image's chelsea.png is a tabby cat."""
+    (chelsea,) = [
+        os.path.join(os.path.dirname(pattern), "chelsea.png")
+        for pattern in default_corpus_patterns()
+        if pattern.endswith("skimage/data/*.png")
+    ]
+    pixels = Preprocessing(ResizeMode.CROP).apply(Image.open(chelsea).convert("RGB"), 224)
+    classifier = load_model(KNOWN_MODELS[f"{EMBEDDED_MODEL_NAME}_classification"])
+    logits = classifier(scale_pixels(pixels[None]))
+    assert logits.shape == (1, 1001)
+    assert int(np.argmax(logits)) in CAT_CLASSES
+
+
+def test_savedmodel_folder_is_described_by_loading_it(tiny_model_dir):
+    spec = resolve_spec(tiny_model_dir)
+    assert (spec.name, spec.image_size, spec.output_dim) == ("tiny_mobilenet_64", 64, 256)
+    assert spec.flavour is Flavour.FEATURE_VECTOR
+    assert load_model(spec)(np.zeros([2, 64, 64, 3], np.float32)).shape == (2, 256)
+
+
+def test_hub_url_is_downloaded_once_then_served_from_the_cache(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "hub_cache"))
+    site = tmp_path / "site"
+    (site / "mobilenet_v1_025_064" / "feature_vector").mkdir(parents=True)
+    archive = site / "mobilenet_v1_025_064" / "feature_vector" / "4"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tiny_model_dir, arcname=".")
+    images = np.random.default_rng(1).random((2, 64, 64, 3), dtype=np.float32)
+
+    with serve_folder(site) as url:
+        handle = f"{url}/mobilenet_v1_025_064/feature_vector/4"
+        spec = resolve_spec(handle)
+        first = load_model(spec)(images)
+    assert (spec.name, spec.output_dim) == ("mobilenet_v1_025_064_feature_vector_4", 256)
+    # The server is gone: a second load must come from TFHUB_CACHE_DIR.
+    np.testing.assert_array_equal(load_model(spec)(images), first)
+    direct = load_model(resolve_spec(tiny_model_dir))(images)
+    np.testing.assert_allclose(first, direct, rtol=1e-6)
+
+
+def test_unreachable_hub_fails_fast_and_says_how_to_work_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "hub_cache"))
+    handle = f"http://127.0.0.1:{closed_port()}/google/imagenet/mobilenet_v1_100_224/feature_vector/4"
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"--model /path/to/folder.*TFHUB_CACHE_DIR"):
+        resolve_spec(handle)
+    assert time.monotonic() - started < 30
+
+
+def test_registry_handles_are_checked_before_a_job_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "hub_cache"))
+    spec = KNOWN_MODELS["mobilenet_v1_050_160"]
+    unreachable = spec.__class__(**{**spec.__dict__, "source": f"http://127.0.0.1:{closed_port()}/m/1"})
+    with pytest.raises(ModelLoadError, match="Could not download"):
+        check_available(unreachable)
+
+
+@pytest.mark.parametrize("reference", ["no_such_model", "/no/such/folder"])
+def test_unknown_model_reference_names_the_options(reference):
+    with pytest.raises(ModelLoadError, match="not a short name"):
+        resolve_spec(reference)
+
+
+def test_folder_that_is_not_a_model_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelLoadError, match="not a SavedModel"):
+        resolve_spec(str(tmp_path))
