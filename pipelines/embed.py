@@ -20,6 +20,7 @@ import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -151,6 +152,7 @@ def _inference_errors(failed):
     """RunInference's dead letters are (batch, exception); one error row per image."""
     batch, exception = failed
     message = f"{type(exception).__name__}: {exception}"
+    Metrics.counter(METRICS_NAMESPACE, f"errors_{INFERENCE_FAILED}").inc(len(batch))
     for key, _pixels in batch:
         yield error_row(key.uri, STAGE_INFERENCE, INFERENCE_FAILED, message)
 
