@@ -14,6 +14,7 @@ import sys
 # subcommand: (module with main(argv) -> exit code, one-line help)
 COMMANDS = {
     "embed": ("pipelines.embed", "embed image files into Parquet with a MobileNet V1 model (Beam)"),
+    "index": ("index.command", "build a FAISS index from embeddings (or --add to one), with measured recall"),
     "models": ("models.catalogue", "list the models known by short name"),
 }
 

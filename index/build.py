@@ -1,0 +1,282 @@
+"""Build an index from embeddings, or add new embeddings to one; measure it; write it.
+
+choose (index/choose.py) -> train on a sample -> add in batches (here, or on
+Beam: index/beam_build.py) -> tune nprobe/efSearch on held-out queries ->
+measure recall@1/10/100 against exact search -> write (index/store.py)
+-> near-duplicate clusters (index/duplicates.py)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from imgembed import __version__
+from index import store
+from index.choose import IndexPlan, choose_index, nlist_for
+from index.duplicates import write_duplicates
+from index.evaluate import exact_neighbours, latency, recall, recall_report, tune
+from index.faiss_index import add_vectors, is_ivf, new_index, search_param_grid, set_search_params
+from index.reader import EmbeddingSource
+from index.vectors import IndexInputError, Metric, prepare
+
+_log = logging.getLogger(__name__)
+
+RECALL_K = 10
+# Tuning aims this far above the target so the held-out measurement clears it.
+TUNING_MARGIN = 0.01
+# Recall on new queries this far below the build's measurement advises a retrain.
+RETRAIN_DRIFT = 0.02
+
+# add(index, source, metric): fills a trained index with every row of source.
+AddFunction = Callable[[faiss.Index, EmbeddingSource, Metric], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    metric: Metric = Metric.COSINE
+    max_memory: int = 4 * 10**9
+    recall_target: float = 0.95
+    factory: str | None = None  # an index_factory string that overrides the choice
+    tune_queries: int = 500
+    eval_queries: int = 1000
+    dedup_threshold: float | None = 0.95  # cosine similarity; None skips near duplicates
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "metric", Metric.parse(self.metric))
+        if not 0 < self.recall_target <= 1:
+            raise ValueError(f"--recall-target must be in (0, 1], got {self.recall_target}")
+        if self.dedup_threshold is not None and not -1 <= self.dedup_threshold <= 1:
+            raise ValueError(
+                f"--dedup-threshold is a cosine similarity in [-1, 1], got {self.dedup_threshold}"
+            )
+
+
+def add_locally(index: faiss.Index, source: EmbeddingSource, metric: Metric) -> None:
+    for first_id, vectors in source.vector_batches():
+        add_vectors(index, prepare(vectors, metric, f"embeddings from id {first_id}"), first_id)
+
+
+def plan_for(source: EmbeddingSource, config: IndexConfig) -> IndexPlan:
+    if config.factory is None:
+        return choose_index(source.count, source.dim, config.max_memory)
+    needs_training = not faiss.index_factory(
+        source.dim, config.factory, config.metric.faiss_metric
+    ).is_trained
+    train = min(source.count, max(64 * nlist_for(source.count), 20_000)) if needs_training else 0
+    kind = "ivf_custom" if config.factory.startswith("IVF") else "custom"
+    return IndexPlan(kind, config.factory, 0, train, f"--index-type {config.factory} given")
+
+
+def train(plan: IndexPlan, source: EmbeddingSource, config: IndexConfig) -> faiss.Index:
+    """An empty index of the plan's type, trained on a uniform sample of the corpus."""
+    index = new_index(plan, source.dim, config.metric)
+    if plan.needs_training:
+        sample_ids = source.sample_ids(plan.train_size, np.random.default_rng(config.seed))
+        index.train(prepare(source.take(sample_ids), config.metric, "training sample"))
+    return index
+
+
+def _query_sets(source: EmbeddingSource, config: IndexConfig, among: EmbeddingSource | None = None):
+    """Disjoint tuning and evaluation queries with their exact neighbours in ``source``.
+    Queries are drawn from ``among`` (default: the whole source)."""
+    among = among or source
+    rng = np.random.default_rng(config.seed + 1)
+    ids = among.sample_ids(config.tune_queries + config.eval_queries, rng)
+    rng.shuffle(ids)
+    k = min(max(100, RECALL_K), source.count - 1)
+    queries = exact_neighbours(source, config.metric, ids, k)
+    rows = np.arange(len(ids))
+    if len(ids) < config.tune_queries + config.eval_queries:
+        # A small corpus has too few rows for two sets: tune and measure on all.
+        return queries, queries, True
+    return queries.subset(rows[: config.tune_queries]), queries.subset(rows[config.tune_queries :]), False
+
+
+def _prepare_dir(index_dir: str, overwrite: bool) -> None:
+    if os.path.exists(os.path.join(index_dir, store.MANIFEST_FILE)):
+        if not overwrite:
+            raise ValueError(f"{index_dir} already holds an index; pass --overwrite to replace it")
+        shutil.rmtree(index_dir)
+    os.makedirs(index_dir, exist_ok=True)
+
+
+def build(
+    source: EmbeddingSource,
+    index_dir: str,
+    config: IndexConfig,
+    add: AddFunction = add_locally,
+    overwrite: bool = False,
+) -> dict:
+    """Builds, tunes, measures and writes an index of every row in ``source``."""
+    _prepare_dir(index_dir, overwrite)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal started
+        now = time.perf_counter()
+        seconds[name] = round(now - started, 3)
+        started = now
+
+    plan = plan_for(source, config)
+    index = train(plan, source, config)
+    lap("train")
+    add(index, source, config.metric)
+    lap("add")
+    report = {"index": dataclasses.asdict(plan), "count": source.count, "dimension": source.dim}
+    search_params: dict = {}
+    if source.count > 1:
+        k = min(RECALL_K, source.count - 1)  # a tiny corpus has fewer than 10 neighbours
+        tune_set, eval_set, shared = _query_sets(source, config)
+        lap("exact_search")
+        search_params, tuned_recall, met = tune(
+            index,
+            search_param_grid(plan, index),
+            tune_set,
+            k,
+            min(1.0, config.recall_target + TUNING_MARGIN),
+            set_search_params,
+        )
+        lap("tune")
+        report |= {
+            "recall": recall_report(index, eval_set, source.count),
+            "latency": latency(index, eval_set, k),
+            "queries": {"tune": len(tune_set.ids), "evaluate": len(eval_set.ids), "same_set": shared},
+            f"tuned_recall@{k}": round(tuned_recall, 4),
+        }
+        lap("evaluate")
+        report["meets_target"] = bool(met and report["recall"][f"recall@{k}"] >= config.recall_target)
+    else:
+        report |= {"recall": {}, "meets_target": True, "note": "one vector: nothing to measure"}
+    report |= {
+        "recall_target": config.recall_target,
+        "search_params": search_params,
+        "metric": config.metric.value,
+    }
+
+    faiss.write_index(index, store.path(index_dir, store.INDEX_FILE))
+    store.write_ids([source], index_dir)
+    lap("write")
+    manifest = {
+        "format_version": store.FORMAT_VERSION,
+        "imgembed_version": __version__,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": source.metadata.get("model"),
+        "preprocessing": source.metadata.get("preprocessing"),
+        "dimension": source.dim,
+        "metric": config.metric.value,
+        "transform": None,
+        "count": source.count,
+        "index": {"kind": plan.kind, "factory": plan.factory},
+        "search_params": search_params,
+        "recall_at_build": report["recall"],
+        "parts": [_part(source)],
+    }
+    store.write_json(index_dir, store.MANIFEST_FILE, manifest)
+    report["duplicates"] = _duplicates(index_dir, index, [source], config)
+    lap("duplicates")
+    report |= {"seconds": seconds, "index_bytes": os.path.getsize(store.path(index_dir, store.INDEX_FILE))}
+    store.write_json(index_dir, store.REPORT_FILE, report)
+    return report
+
+
+def add_to_index(
+    index_dir: str, folders: list[str], config: IndexConfig, add: AddFunction = add_locally
+) -> dict:
+    """Adds the rows of embedding files not yet in the index, keeping its training;
+    re-measures recall on queries among the new rows and says if a retrain is due."""
+    loaded = store.load(index_dir)
+    manifest = loaded.manifest
+    metric = loaded.metric
+    config = dataclasses.replace(config, metric=metric)
+    known = [file["path"] for part in manifest["parts"] for file in part["files"]]
+    new = EmbeddingSource(folders, first_id=loaded.count, skip_paths=known)
+    report: dict = {"added": new.count, "skipped_files_already_indexed": len(known)}
+    if new.count == 0:
+        report["note"] = "every embedding file given is already in the index"
+        return report
+    _check_compatible(manifest, new, loaded.ids)
+
+    before = _imbalance(loaded.index)
+    add(loaded.index, new, metric)
+    combined = EmbeddingSource.from_files(
+        [file for part in manifest["parts"] for file in part["files"]]
+        + [dataclasses.asdict(f) for f in new.files]
+    )
+    _, queries, _ = _query_sets(combined, config, among=new)
+    new_recall = recall(loaded.index, queries, min(RECALL_K, combined.count - 1))
+    at_build = manifest["recall_at_build"].get(f"recall@{RECALL_K}", 1.0)
+    drift = at_build - new_recall
+    advise = new_recall < config.recall_target or drift > RETRAIN_DRIFT
+    report |= {
+        f"recall@{RECALL_K}_on_new_rows": round(new_recall, 4),
+        f"recall@{RECALL_K}_at_build": at_build,
+        "imbalance_factor": {"before": before, "after": _imbalance(loaded.index)},
+        "retrain_advised": advise,
+        "why": (
+            f"recall@{RECALL_K} on queries among the new rows is {new_recall:.3f} "
+            f"(build: {at_build:.3f}, target {config.recall_target}): "
+            + ("the trained quantiser no longer fits the data; rebuild the index" if advise else "no drift")
+        ),
+    }
+    faiss.write_index(loaded.index, store.path(index_dir, store.INDEX_FILE))
+    store.write_ids(loaded.sources() + [new], index_dir)
+    manifest["parts"].append(_part(new))
+    manifest["count"] = int(loaded.index.ntotal)
+    store.write_json(index_dir, store.MANIFEST_FILE, manifest)
+    report["duplicates"] = _duplicates(index_dir, loaded.index, [combined], config)
+    full_report = store.read_json(index_dir, store.REPORT_FILE)
+    full_report.setdefault("additions", []).append(report)
+    store.write_json(index_dir, store.REPORT_FILE, full_report)
+    return report
+
+
+def _part(source: EmbeddingSource) -> dict:
+    return {"files": [dataclasses.asdict(file) for file in source.files]}
+
+
+def _check_compatible(manifest: dict, new: EmbeddingSource, indexed_ids) -> None:
+    if (
+        new.dim != manifest["dimension"]
+        or (new.metadata.get("model") or {}).get("name") != manifest["model"]["name"]
+    ):
+        raise IndexInputError(
+            f"the new embeddings ({(new.metadata.get('model') or {}).get('name')}, {new.dim}-d) do not match "
+            f"the index ({manifest['model']['name']}, {manifest['dimension']}-d)"
+        )
+    for _, batch in new.record_batches(["id", "uri"]):
+        seen = pc.is_in(batch.column("id"), value_set=indexed_ids.column("id"))
+        if pc.any(seen).as_py():
+            first = batch.column("uri")[pc.index(seen, True).as_py()].as_py()
+            raise IndexInputError(
+                f"{pc.sum(seen).as_py()} new row(s) are already in the index (e.g. {first}); "
+                "embed only new images into a fresh --output folder, or rebuild the index"
+            )
+
+
+def _imbalance(index: faiss.Index) -> float | None:
+    if not is_ivf(index):
+        return None
+    return round(float(faiss.extract_index_ivf(index).invlists.imbalance_factor()), 3)
+
+
+def _duplicates(
+    index_dir: str, index: faiss.Index, sources: list[EmbeddingSource], config: IndexConfig
+) -> dict:
+    ids = pq.read_table(store.path(index_dir, store.IDS_FILE))
+    threshold = config.dedup_threshold if config.metric is Metric.COSINE else None
+    return write_duplicates(
+        index, sources, ids, config.metric, threshold, store.path(index_dir, store.DUPLICATES_FILE)
+    )

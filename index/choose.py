@@ -1,0 +1,128 @@
+"""Which FAISS index fits a corpus: from its size, dimension and a memory budget.
+
+The budget is the RAM a loaded index may use (autofaiss's "max index memory").
+From the most exact to the most compressed, the first kind that fits wins:
+
+| kind | factory | RAM bytes per vector | when |
+|---|---|---|---|
+| flat | ``Flat`` | 4d | up to FLAT_MAX_VECTORS: exact, no training |
+| hnsw | ``HNSW32`` | 4d + 2*32*4 | up to HNSW_MAX_VECTORS: fastest queries, no training |
+| ivf_flat | ``IVF{nlist},Flat`` | 4d + 8 | raw vectors fit in RAM |
+| ivf_sq8 | ``IVF{nlist},SQ8`` | d + 8 | 8-bit codes fit: recall ~0.98 with enough lists probed |
+| ivf_pq_rflat | ``IVF{nlist},PQ{m}x4fs,RFlat`` | m/2 + 8 | 4-bit product codes in RAM find candidates; the raw vectors stay on disk (memory-mapped) and re-rank them |
+
+>>> choose_index(100_000, 256, parse_size("50M")).kind
+'ivf_sq8'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+FLAT_MAX_VECTORS = 100_000
+HNSW_MAX_VECTORS = 1_000_000
+HNSW_M = 32
+# Room for the quantiser, list headers and allocator slack on top of the codes.
+OVERHEAD = 1.10
+ID_BYTES = 8
+# faiss warns below 39 training points per centroid; 64 gives stable centroids.
+POINTS_PER_CENTROID = 64
+MAX_TRAIN_VECTORS = 500_000
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexPlan:
+    kind: str
+    factory: str
+    estimated_bytes: int
+    train_size: int
+    reason: str
+
+    @property
+    def needs_training(self) -> bool:
+        return self.train_size > 0
+
+    @property
+    def is_ivf(self) -> bool:
+        return self.kind.startswith("ivf")
+
+
+def nlist_for(count: int) -> int:
+    """About 4 sqrt(n) lists (a power of two), with enough points to train each."""
+    target = 4 * math.sqrt(count)
+    nlist = 2 ** round(math.log2(max(target, 1)))
+    return int(max(16, min(nlist, 65536, count // 39)))
+
+
+def choose_index(count: int, dim: int, max_memory: int) -> IndexPlan:
+    raw = count * dim * 4
+    budget = f"{max_memory / 1e6:,.0f} MB budget"
+
+    def fits(bytes_per_vector: float) -> bool:
+        return count * bytes_per_vector * OVERHEAD <= max_memory
+
+    def plan(kind: str, factory: str, bytes_per_vector: float, train: int, why: str) -> IndexPlan:
+        return IndexPlan(kind, factory, int(count * bytes_per_vector * OVERHEAD), train, why)
+
+    if count <= FLAT_MAX_VECTORS and fits(4 * dim):
+        return plan(
+            "flat",
+            "Flat",
+            4 * dim,
+            0,
+            f"{count:,} vectors: exact search is fast at this size and needs no training; "
+            f"the raw vectors ({raw / 1e6:,.0f} MB) fit the {budget}",
+        )
+    hnsw_bytes = 4 * dim + 2 * HNSW_M * 4
+    if count <= HNSW_MAX_VECTORS and fits(hnsw_bytes):
+        return plan(
+            "hnsw",
+            f"HNSW{HNSW_M}",
+            hnsw_bytes,
+            0,
+            f"{count:,} vectors: too many for fast exact search, few enough for an HNSW graph "
+            f"(fastest queries) over raw vectors, which fit the {budget}",
+        )
+    nlist = nlist_for(count)
+    ivf_train = min(count, MAX_TRAIN_VECTORS, max(nlist * POINTS_PER_CENTROID, 20_000))
+    if fits(4 * dim + ID_BYTES):
+        return plan(
+            "ivf_flat",
+            f"IVF{nlist},Flat",
+            4 * dim + ID_BYTES,
+            ivf_train,
+            f"{count:,} vectors: too many for an HNSW graph to build quickly; the raw vectors "
+            f"({raw / 1e6:,.0f} MB) fit the {budget}: inverted lists of exact vectors",
+        )
+    if fits(dim + ID_BYTES):
+        return plan(
+            "ivf_sq8",
+            f"IVF{nlist},SQ8",
+            dim + ID_BYTES,
+            ivf_train,
+            f"{count:,} vectors: raw vectors ({raw / 1e6:,.0f} MB) exceed the {budget}; "
+            f"8-bit scalar codes ({dim} bytes a vector) keep recall close to exact",
+        )
+    for m in _pq_subquantizers(dim):
+        if fits(m / 2 + ID_BYTES):
+            return plan(
+                "ivf_pq_rflat",
+                f"IVF{nlist},PQ{m}x4fs,RFlat",
+                m / 2 + ID_BYTES,
+                ivf_train,
+                f"{count:,} vectors: even 8-bit codes exceed the {budget}; {m // 2}-byte product codes "
+                f"in RAM find candidates and the raw vectors, memory-mapped from disk "
+                f"({raw / 1e6:,.0f} MB), re-rank them",
+            )
+    need = count * (2 + ID_BYTES) * OVERHEAD
+    raise ValueError(
+        f"--max-memory {max_memory:,} bytes cannot hold {count:,} vectors in any index; "
+        f"at least {need / 1e6:,.0f} MB is needed"
+    )
+
+
+def _pq_subquantizers(dim: int) -> list[int]:
+    """Even sub-quantizer counts dividing d for 4-bit fast-scan PQ, largest first,
+    from d/4 (4 dims each, 2 bits a dim) down to 4."""
+    return [m for m in range(dim // 4, 3, -1) if dim % m == 0 and m % 2 == 0]

@@ -1,0 +1,131 @@
+"""``imgembed index``: build a FAISS index from embeddings, or add to one.
+
+    imgembed index --embeddings out/mobilenet_v1_100_224_embedded --output out/index
+    imgembed index --add --embeddings out2/mobilenet_v1_100_224_embedded --output out/index
+    imgembed index ... --distributed --runner DataflowRunner --project P --temp_location gs://b/tmp
+
+Flags not listed here go to Beam when --distributed is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+from imgembed.units import format_size, parse_size
+from index import store
+from index.build import IndexConfig, add_locally, add_to_index, build
+from index.reader import EmbeddingSource
+from index.vectors import IndexInputError, Metric
+
+# Without --runner, distributed builds use every local core.
+DEFAULT_RUNNER_ARGS = [
+    "--runner=DirectRunner",
+    "--direct_running_mode=multi_processing",
+    "--direct_num_workers=0",
+]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgembed index", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--embeddings",
+        action="append",
+        required=True,
+        help="A model folder written by `imgembed embed` (repeatable).",
+    )
+    p.add_argument("--output", required=True, help="Index directory (local).")
+    p.add_argument("--metric", default="cosine", help="cosine (default; vectors are L2-normalised) or l2.")
+    p.add_argument("--max-memory", default="4G", help="Memory the index may use, e.g. 500M, 4G (default 4G).")
+    p.add_argument("--recall-target", type=float, default=0.95, help="recall@10 to tune for (default 0.95).")
+    p.add_argument(
+        "--index-type", default=None, help="A faiss index_factory string that overrides the choice."
+    )
+    p.add_argument("--add", action="store_true", help="Add embeddings to the existing index in --output.")
+    p.add_argument("--distributed", action="store_true", help="Add vectors with a Beam job (IVF indexes).")
+    p.add_argument(
+        "--temp-location", default=None, help="Where --distributed workers exchange shards (e.g. gs://b/tmp)."
+    )
+    p.add_argument(
+        "--dedup-threshold",
+        type=float,
+        default=0.95,
+        help="Cosine similarity of near duplicates (default 0.95).",
+    )
+    p.add_argument(
+        "--no-near-duplicates", action="store_true", help="Find exact copies only (faster on huge corpora)."
+    )
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing index in --output.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the training and query samples.")
+    return p
+
+
+def describe(report: dict, index_dir: str) -> str:
+    if "added" in report:
+        if not report["added"]:
+            return f"Nothing added to {index_dir}: {report['note']}"
+        return f"Added {report['added']:,} vectors to {index_dir}\n  {report['why']}" + (
+            "\n  RETRAIN ADVISED" if report["retrain_advised"] else ""
+        )
+    plan = report["index"]
+    recall = "  ".join(f"{k} {v:.3f}" for k, v in report["recall"].items())
+    k = min(10, report["count"] - 1)
+    met = "met" if report["meets_target"] else "NOT MET (raise --max-memory or lower --recall-target)"
+    params = ", ".join(f"{k}={v}" for k, v in report["search_params"].items()) or "exact"
+    latency = report.get("latency", {})
+    duplicates = report["duplicates"]
+    return "\n".join(
+        [
+            f"Index: {plan['kind']} ({plan['factory']})",
+            f"  why: {plan['reason']}",
+            f"  {report['count']:,} vectors x {report['dimension']}-d, {report['metric']}; "
+            f"{format_size(report['index_bytes'])} on disk, about "
+            f"{format_size(plan['estimated_bytes'] or report['index_bytes'])} in RAM when loaded",
+            f"  {recall}   (target recall@{k} >= {report['recall_target']}: {met})",
+            f"  search: {params}; one query p50 {latency.get('single_query_p50_ms', 0)} ms; "
+            f"batch {latency.get('batch_qps', 0):,.0f} queries/s",
+            "  built in {:.1f} s ({})".format(
+                sum(report["seconds"].values()),
+                ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()),
+            ),
+            f"  duplicates: {duplicates['clusters']} clusters, {duplicates['rows_in_clusters']} rows "
+            f"(near-duplicate threshold {duplicates['near_duplicate_threshold']}), "
+            f"{duplicates['exact_duplicate_rows']} rows with an exact copy",
+            f"  written to {index_dir}/ ({store.REPORT_FILE} has the details)",
+        ]
+    )
+
+
+def main(argv: list[str]) -> int:
+    args, beam_args = parser().parse_known_args(argv)
+    if beam_args and not args.distributed:
+        print(f"imgembed index: unknown flags {beam_args} (Beam flags need --distributed)", file=sys.stderr)
+        return 2
+    try:
+        config = IndexConfig(
+            metric=Metric.parse(args.metric),
+            max_memory=parse_size(args.max_memory),
+            recall_target=args.recall_target,
+            factory=args.index_type,
+            dedup_threshold=None if args.no_near_duplicates else args.dedup_threshold,
+            seed=args.seed,
+        )
+        add = add_locally
+        if args.distributed:
+            from index.beam_build import add_with_beam
+
+            if not any(arg.startswith("--runner") for arg in beam_args):
+                beam_args += DEFAULT_RUNNER_ARGS
+            add = functools.partial(add_with_beam, pipeline_args=beam_args, temp_location=args.temp_location)
+        if args.add:
+            report = add_to_index(args.output, args.embeddings, config, add)
+        else:
+            report = build(
+                EmbeddingSource(args.embeddings), args.output, config, add, overwrite=args.overwrite
+            )
+    except (IndexInputError, ValueError) as error:
+        print(f"imgembed index: {error}", file=sys.stderr)
+        return 2
+    print(describe(report, args.output))
+    return 0

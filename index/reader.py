@@ -1,0 +1,161 @@
+"""The Parquet output of ``imgembed embed`` for one model, read in bounded memory.
+
+Rows get FAISS ids in a fixed order: files sorted by path, rows in file order,
+numbered from 0. Each file's first id comes from Parquet footers alone, so any
+worker can number the rows of any file without seeing the others.
+
+>>> source = EmbeddingSource("out/mobilenet_v1_100_224_embedded")
+>>> for first_id, vectors in source.vector_batches(): ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from index.vectors import IndexInputError
+from pipelines.outputs import PARQUET_SUFFIX, list_files
+from pipelines.records import read_metadata
+
+EMBEDDING_COLUMN = "embedding"
+# Rows per batch read: 65536 x 1024 floats is 256 MiB at most.
+BATCH_ROWS = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingFile:
+    path: str
+    num_rows: int
+    first_id: int
+
+
+def vectors_of(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
+    """The embedding column as a float32 [rows, d] array, without a per-row loop."""
+    column = batch.column(EMBEDDING_COLUMN)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        raise IndexInputError(f"{column.null_count} rows have no embedding")
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), dim)
+
+
+class EmbeddingSource:
+    """Every ``embeddings-*.parquet`` file of one model folder (local or cloud)."""
+
+    def __init__(self, folders: str | Sequence[str], first_id: int = 0, skip_paths: Sequence[str] = ()):
+        """All embedding files under ``folders`` except ``skip_paths``, numbered from ``first_id``."""
+        folders = [folders] if isinstance(folders, str) else list(folders)
+        paths = [p for folder in folders for p in list_files(_glob(folder)) if p not in set(skip_paths)]
+        if not paths and not skip_paths:
+            raise IndexInputError(
+                f"no embeddings-*{PARQUET_SUFFIX} under {', '.join(folders)}: expected the folder "
+                "`imgembed embed` writes for one model, e.g. out/mobilenet_v1_100_224_embedded"
+            )
+        self._init_files(sorted(paths), first_id, where=", ".join(folders))
+
+    @classmethod
+    def from_files(cls, files: Sequence[dict | EmbeddingFile]) -> EmbeddingSource:
+        """The files an index was built from, as its manifest lists them; refuses
+        files that changed since (their rows would no longer match the ids)."""
+        files = [EmbeddingFile(**f) if isinstance(f, dict) else f for f in files]
+        source = cls.__new__(cls)
+        source._init_files([f.path for f in files], files[0].first_id if files else 0, "the manifest")
+        for recorded, found in zip(files, source.files, strict=True):
+            if recorded != found:
+                raise IndexInputError(
+                    f"{recorded.path} changed since the index was built ({recorded.num_rows} rows "
+                    f"then, {found.num_rows} now); rebuild the index"
+                )
+        return source
+
+    def _init_files(self, paths: Sequence[str], first_id: int, where: str) -> None:
+        self.files: list[EmbeddingFile] = []
+        self.metadata: dict | None = None
+        self.dim: int | None = None
+        next_id = first_id
+        for path in paths:
+            schema, num_rows = _footer(path)
+            self._check_consistent(path, schema)
+            self.files.append(EmbeddingFile(path, num_rows, next_id))
+            next_id += num_rows
+        self.first_id = first_id
+        self.count = next_id - first_id
+        if self.files and self.count == 0:
+            raise IndexInputError(f"the embeddings in {where} hold no rows")
+
+    def _check_consistent(self, path: str, schema: pa.Schema) -> None:
+        field = schema.field(EMBEDDING_COLUMN) if EMBEDDING_COLUMN in schema.names else None
+        if field is None or not pa.types.is_fixed_size_list(field.type):
+            raise IndexInputError(f"{path} has no fixed-size `embedding` column; is it an imgembed file?")
+        metadata = read_metadata(schema)
+        if self.dim is None:
+            self.dim, self.metadata = field.type.list_size, metadata
+        elif field.type.list_size != self.dim:
+            raise IndexInputError(
+                f"mixed dimensions: {path} has {field.type.list_size}-d embeddings, "
+                f"{self.files[0].path} has {self.dim}-d; index one model at a time"
+            )
+        elif _model_name(metadata) != _model_name(self.metadata):
+            raise IndexInputError(
+                f"mixed models: {path} was made by {_model_name(metadata)}, "
+                f"{self.files[0].path} by {_model_name(self.metadata)}"
+            )
+
+    def record_batches(
+        self, columns: Sequence[str], files: Sequence[EmbeddingFile] | None = None
+    ) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """(first FAISS id of the batch, batch) over the chosen files, in id order."""
+        for file in self.files if files is None else files:
+            next_id = file.first_id
+            with FileSystems.open(file.path) as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(
+                    batch_size=BATCH_ROWS, columns=list(columns)
+                ):
+                    yield next_id, batch
+                    next_id += batch.num_rows
+
+    def vector_batches(
+        self, files: Sequence[EmbeddingFile] | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        for first_id, batch in self.record_batches([EMBEDDING_COLUMN], files):
+            yield first_id, vectors_of(batch)
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors with these FAISS ids (sorted or not), reading only the files that hold them."""
+        ids = np.asarray(ids, dtype=np.int64)
+        result = np.empty((len(ids), self.dim), np.float32)
+        order = np.argsort(ids)
+        sorted_ids = ids[order]
+        for file in self.files:
+            lo, hi = np.searchsorted(sorted_ids, [file.first_id, file.first_id + file.num_rows])
+            if lo == hi:
+                continue
+            for first_id, vectors in self.vector_batches([file]):
+                in_batch = sorted_ids[lo:hi] - first_id
+                keep = (in_batch >= 0) & (in_batch < len(vectors))
+                result[order[lo:hi][keep]] = vectors[in_batch[keep]]
+        return result
+
+    def sample_ids(self, size: int, rng: np.random.Generator) -> np.ndarray:
+        size = min(size, self.count)
+        return np.sort(rng.choice(self.count, size=size, replace=False)) + self.first_id
+
+
+def _model_name(metadata: dict) -> str | None:
+    return metadata.get("model", {}).get("name")
+
+
+def _glob(folder: str) -> str:
+    return FileSystems.join(folder.rstrip("/"), f"embeddings-*{PARQUET_SUFFIX}")
+
+
+def _footer(path: str) -> tuple[pa.Schema, int]:
+    with FileSystems.open(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        return parquet.schema_arrow, parquet.metadata.num_rows

@@ -1,0 +1,262 @@
+"""imgembed index: choice under a memory budget, measured recall, Beam-built shards,
+incremental adds, near duplicates, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from imgembed.units import parse_size
+from index import command, store
+from index.beam_build import add_with_beam
+from index.build import IndexConfig, add_locally, add_to_index, build, plan_for, train
+from index.choose import choose_index
+from index.evaluate import QuerySet, recall
+from index.reader import EmbeddingSource
+from index.synthetic import StructuredVectors, write_embeddings, write_synthetic_embeddings
+from index.vectors import IndexInputError, Metric, prepare
+from pipelines import embed
+
+MULTI_PROCESS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+
+
+def read_json(path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(
+    ("count", "dim", "budget", "kind"),
+    [
+        (5_000, 1024, "4G", "flat"),
+        (500_000, 256, "4G", "hnsw"),
+        (5_000_000, 256, "8G", "ivf_flat"),
+        (100_000, 256, "50M", "ivf_sq8"),
+        (100_000, 256, "10M", "ivf_pq_rflat"),
+        (100_000_000, 1024, "4G", "ivf_pq_rflat"),
+    ],
+)
+def test_choice_follows_size_and_budget(count, dim, budget, kind):
+    plan = choose_index(count, dim, parse_size(budget))
+    assert plan.kind == kind
+    assert plan.estimated_bytes <= parse_size(budget)
+    assert f"{count:,}" in plan.reason
+
+
+def test_a_budget_too_small_for_any_index_says_what_is_needed():
+    with pytest.raises(ValueError, match="at least"):
+        choose_index(100_000_000, 256, parse_size("100M"))
+
+
+def test_ties_with_the_kth_neighbour_do_not_cost_recall():
+    vectors = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.6, 0.8]], np.float32)
+    index = faiss.IndexFlatIP(2)
+    index.add(vectors)
+    # Query 0's nearest other rows: row 3 (0.6), then rows 1 and 2 tied (0.0).
+    queries = QuerySet(
+        ids=np.array([0]),
+        vectors=vectors[:1],
+        exact=np.array([[3, 2, 1]]),
+        exact_scores=np.array([[0.6, 0.0, 0.0]], np.float32),
+        higher_is_closer=True,
+    )
+    assert recall(index, queries, 2) == 1.0
+
+
+def test_index_from_the_embed_output(photo_dir, tiny_model_dir, tmp_path, capsys):
+    embeddings = tmp_path / "out"
+    embed.run(
+        [
+            f"--input={photo_dir}",
+            f"--output={embeddings}",
+            f"--model={tiny_model_dir}",
+            "--runner=DirectRunner",
+        ]
+    )
+    index_dir = tmp_path / "index"
+    assert (
+        command.main(["--embeddings", str(embeddings / "tiny_mobilenet_64"), "--output", str(index_dir)]) == 0
+    )
+    assert "Index: flat (Flat)" in capsys.readouterr().out
+
+    report = read_json(index_dir / store.REPORT_FILE)
+    manifest = read_json(index_dir / store.MANIFEST_FILE)
+    assert report["recall"]["recall@1"] == 1.0 and report["meets_target"]
+    assert manifest["model"]["name"] == "tiny_mobilenet_64"
+    assert (manifest["dimension"], manifest["metric"], manifest["count"]) == (256, "cosine", 6)
+    assert manifest["preprocessing"]["resize"] == "crop"
+    ids = pq.read_table(index_dir / store.IDS_FILE)
+    rows = pq.read_table(str(embeddings / "tiny_mobilenet_64")).to_pylist()
+    by_id = {row["id"]: row for row in rows}
+    loaded = store.load(str(index_dir))
+    for faiss_id, image_id in enumerate(ids.column("id").to_pylist()):
+        vector = prepare(np.array([by_id[image_id]["embedding"]]), Metric.COSINE)
+        assert loaded.index.search(vector, 1)[1][0, 0] == faiss_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("budget", "kind"), [("50M", "ivf_sq8"), ("10M", "ivf_pq_rflat")])
+def test_100k_structured_vectors_under_a_budget_below_the_raw_size_meet_the_recall_target(
+    tmp_path_factory, budget, kind
+):
+    folder = tmp_path_factory.getbasetemp() / "synthetic_100k"
+    if not folder.exists():
+        write_synthetic_embeddings(str(folder), count=100_000, dim=256, files=4)
+    raw_bytes = 100_000 * 256 * 4
+    assert parse_size(budget) < raw_bytes
+    index_dir = tmp_path_factory.mktemp("index")
+    assert (
+        command.main(["--embeddings", str(folder), "--output", str(index_dir), "--max-memory", budget]) == 0
+    )
+    report = read_json(index_dir / store.REPORT_FILE)
+    assert report["index"]["kind"] == kind
+    assert "exceed" in report["index"]["reason"]
+    assert report["recall"]["recall@10"] >= 0.95 and report["meets_target"]
+    assert report["index"]["estimated_bytes"] <= parse_size(budget)
+
+
+@pytest.mark.parametrize("factory", ["IVF32,Flat", "IVF32,PQ16x4fs,RFlat"])
+def test_beam_sharded_build_returns_the_neighbours_of_a_single_process_build(tmp_path, factory):
+    generator = StructuredVectors(64, seed=3)
+    for number in range(4):
+        rows = range(number * 2500, (number + 1) * 2500)
+        write_embeddings(
+            str(tmp_path / "emb"),
+            generator.chunk(rows.start, len(rows)),
+            [f"synthetic://{row}" for row in rows],
+            file_name=f"embeddings-{number:05d}.parquet",
+        )
+    source = EmbeddingSource(str(tmp_path / "emb"))
+    config = IndexConfig(factory=factory)
+    trained = train(plan_for(source, config), source, config)
+    single, sharded = faiss.clone_index(trained), faiss.clone_index(trained)
+    add_locally(single, source, config.metric)
+    add_with_beam(sharded, source, config.metric, MULTI_PROCESS, temp_location=str(tmp_path / "temp"))
+
+    queries = prepare(source.take(np.arange(0, 10_000, 97)), config.metric)
+    for index in (single, sharded):
+        faiss.ParameterSpace().set_index_parameters(
+            index, "nprobe=8" + (",k_factor_rf=4" if "RFlat" in factory else "")
+        )
+    expected_scores, expected = single.search(queries, 10)
+    scores, found = sharded.search(queries, 10)
+    assert sharded.ntotal == single.ntotal == 10_000
+    np.testing.assert_array_equal(np.sort(found, axis=1), np.sort(expected, axis=1))
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
+    assert list((tmp_path / "temp").iterdir()) == []  # shards are cleaned up
+
+
+def test_distributed_flag_builds_with_beam_end_to_end(tmp_path):
+    write_synthetic_embeddings(str(tmp_path / "emb"), count=3000, dim=32, files=3)
+    index_dir = tmp_path / "index"
+    argv = ["--embeddings", str(tmp_path / "emb"), "--output", str(index_dir), "--index-type", "IVF16,Flat"]
+    assert command.main(argv + ["--distributed"] + MULTI_PROCESS) == 0
+    assert read_json(index_dir / store.MANIFEST_FILE)["count"] == 3000
+    assert read_json(index_dir / store.REPORT_FILE)["meets_target"]
+
+
+def test_incremental_add_keeps_training_and_flags_drift(tmp_path):
+    write_synthetic_embeddings(str(tmp_path / "all"), count=40_000, dim=64, files=4, seed=1)
+    (tmp_path / "later").mkdir()
+    shutil.move(
+        tmp_path / "all" / "embeddings-00003.parquet", tmp_path / "later" / "embeddings-00003.parquet"
+    )
+    index_dir = tmp_path / "index"
+    config = IndexConfig(factory="IVF64,SQ8")
+    build(EmbeddingSource(str(tmp_path / "all")), str(index_dir), config)
+    built = store.load(str(index_dir))  # held: faiss objects die with their owner
+    centroids_before = faiss.extract_index_ivf(built.index).quantizer.reconstruct_n(0, 64)
+
+    report = add_to_index(str(index_dir), [str(tmp_path / "later")], config)
+    assert report["added"] == 10_000 and not report["retrain_advised"]
+    loaded = store.load(str(index_dir))
+    assert loaded.count == loaded.manifest["count"] == 40_000 == loaded.ids.num_rows
+    np.testing.assert_array_equal(
+        faiss.extract_index_ivf(loaded.index).quantizer.reconstruct_n(0, 64), centroids_before
+    )
+    assert add_to_index(str(index_dir), [str(tmp_path / "later")], config)["added"] == 0
+
+    # Vectors from elsewhere: the trained lists no longer fit them.
+    shifted = StructuredVectors(64, seed=99).chunk(0, 10_000) * 3 + 5
+    write_embeddings(str(tmp_path / "shifted"), shifted, [f"other://{i}" for i in range(10_000)])
+    drifted = add_to_index(str(index_dir), [str(tmp_path / "shifted")], config)
+    assert drifted["added"] == 10_000
+    assert drifted["retrain_advised"], drifted["why"]
+    assert "rebuild" in drifted["why"]
+    assert len(read_json(index_dir / store.REPORT_FILE)["additions"]) == 2  # the no-op add is not one
+
+
+def test_adding_rows_already_indexed_is_refused(tmp_path):
+    vectors = StructuredVectors(16).chunk(0, 50)
+    write_embeddings(str(tmp_path / "a"), vectors)
+    write_embeddings(str(tmp_path / "b"), vectors)  # the same images, embedded again
+    build(EmbeddingSource(str(tmp_path / "a")), str(tmp_path / "index"), IndexConfig())
+    with pytest.raises(IndexInputError, match="already in the index"):
+        add_to_index(str(tmp_path / "index"), [str(tmp_path / "b")], IndexConfig())
+
+
+def test_near_and_exact_duplicates_form_clusters(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(40, 32)).astype(np.float32) + 3
+    vectors[1] = vectors[0] * 1.01  # a near copy of row 0 (cosine ~1)
+    vectors[2] = vectors[0] + 0.01 * rng.normal(size=32)  # another one
+    uris = [f"img://{i}" for i in range(40)]
+    shas = [f"sha{i}" for i in range(40)]
+    shas[30] = shas[20]  # an exact copy of the file behind row 20
+    write_embeddings(str(tmp_path / "emb"), vectors, uris, shas)
+    build(EmbeddingSource(str(tmp_path / "emb")), str(tmp_path / "index"), IndexConfig(dedup_threshold=0.999))
+    clusters = pq.read_table(tmp_path / "index" / store.DUPLICATES_FILE).to_pylist()
+    by_row = {row["faiss_id"]: row for row in clusters}
+    assert set(by_row) == {0, 1, 2, 20, 30}
+    assert {by_row[i]["cluster_id"] for i in (0, 1, 2)} == {0} and by_row[0]["cluster_size"] == 3
+    assert by_row[20]["cluster_id"] == by_row[30]["cluster_id"] == 20
+    assert by_row[30]["exact_duplicate"] and not by_row[1]["exact_duplicate"]
+
+
+def write_nan_corpus(folder):
+    vectors = np.ones((10, 8), np.float32)
+    vectors[4, 2] = np.nan
+    write_embeddings(str(folder), vectors)
+
+
+def write_mixed_dimensions(folder):
+    write_embeddings(str(folder), np.ones((5, 8), np.float32), file_name="embeddings-00000.parquet")
+    write_embeddings(
+        str(folder),
+        np.ones((5, 16), np.float32),
+        [f"x://{i}" for i in range(5)],
+        file_name="embeddings-00001.parquet",
+    )
+
+
+def write_empty_corpus(folder):
+    write_embeddings(str(folder), np.ones((0, 8), np.float32), [])
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda folder: None, "no embeddings-"),
+        (write_mixed_dimensions, "mixed dimensions"),
+        (write_nan_corpus, "NaN"),
+        (write_empty_corpus, "hold no rows"),
+    ],
+    ids=["missing-folder", "mixed-dimensions", "nan", "empty"],
+)
+def test_bad_input_gets_a_clear_error_not_a_traceback(tmp_path, capsys, make, message):
+    make(tmp_path / "emb")
+    assert command.main(["--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "index")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+
+
+def test_existing_index_is_not_replaced_without_overwrite(tmp_path, capsys):
+    write_embeddings(str(tmp_path / "emb"), StructuredVectors(8).chunk(0, 20))
+    argv = ["--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "index")]
+    assert command.main(argv) == 0
+    assert command.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert command.main(argv + ["--overwrite"]) == 0
