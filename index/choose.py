@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from imgembed.units import format_size
+
 FLAT_MAX_VECTORS = 100_000
 HNSW_MAX_VECTORS = 1_000_000
 HNSW_M = 32
@@ -57,7 +59,7 @@ def nlist_for(count: int) -> int:
 
 def choose_index(count: int, dim: int, max_memory: int) -> IndexPlan:
     raw = count * dim * 4
-    budget = f"{max_memory / 1e6:,.0f} MB budget"
+    budget = f"{format_size(max_memory)} budget"
 
     def fits(bytes_per_vector: float) -> bool:
         return count * bytes_per_vector * OVERHEAD <= max_memory
@@ -72,7 +74,7 @@ def choose_index(count: int, dim: int, max_memory: int) -> IndexPlan:
             4 * dim,
             0,
             f"{count:,} vectors: exact search is fast at this size and needs no training; "
-            f"the raw vectors ({raw / 1e6:,.0f} MB) fit the {budget}",
+            f"the raw vectors ({format_size(raw)}) fit the {budget}",
         )
     hnsw_bytes = 4 * dim + 2 * HNSW_M * 4
     if count <= HNSW_MAX_VECTORS and fits(hnsw_bytes):
@@ -93,7 +95,7 @@ def choose_index(count: int, dim: int, max_memory: int) -> IndexPlan:
             4 * dim + ID_BYTES,
             ivf_train,
             f"{count:,} vectors: too many for an HNSW graph to build quickly; the raw vectors "
-            f"({raw / 1e6:,.0f} MB) fit the {budget}: inverted lists of exact vectors",
+            f"({format_size(raw)}) fit the {budget}: inverted lists of exact vectors",
         )
     if fits(dim + ID_BYTES):
         return plan(
@@ -101,7 +103,7 @@ def choose_index(count: int, dim: int, max_memory: int) -> IndexPlan:
             f"IVF{nlist},SQ8",
             dim + ID_BYTES,
             ivf_train,
-            f"{count:,} vectors: raw vectors ({raw / 1e6:,.0f} MB) exceed the {budget}; "
+            f"{count:,} vectors: raw vectors ({format_size(raw)}) exceed the {budget}; "
             f"8-bit scalar codes ({dim} bytes a vector) keep recall close to exact",
         )
     for m in _pq_subquantizers(dim):
@@ -113,7 +115,7 @@ def choose_index(count: int, dim: int, max_memory: int) -> IndexPlan:
                 ivf_train,
                 f"{count:,} vectors: even 8-bit codes exceed the {budget}; {m // 2}-byte product codes "
                 f"in RAM find candidates and the raw vectors, memory-mapped from disk "
-                f"({raw / 1e6:,.0f} MB), re-rank them",
+                f"({format_size(raw)}), re-rank them",
             )
     need = count * (2 + ID_BYTES) * OVERHEAD
     raise ValueError(
