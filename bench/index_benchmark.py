@@ -29,7 +29,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from imgembed.units import format_size, parse_size  # noqa: E402
+from imgembed.units import format_size  # noqa: E402
 from index import store  # noqa: E402
 from index.evaluate import exact_neighbours, recall  # noqa: E402
 from index.reader import EmbeddingSource  # noqa: E402
@@ -144,7 +144,8 @@ def bench_dataset(name: str, embeddings: str, budgets: list[str], work: str) -> 
                 "--current_memory_available=16G",
             ]
         )
-        infos = json.load(open(infos_path))
+        with open(infos_path) as file:
+            infos = json.load(file)
         theirs = faiss.read_index(theirs_path)
         faiss.ParameterSpace().set_index_parameters(theirs, infos["index_param"])
         rows.append(
