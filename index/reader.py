@@ -11,6 +11,8 @@ worker can number the rows of any file without seeing the others.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -159,3 +161,44 @@ def _footer(path: str) -> tuple[pa.Schema, int]:
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
         return parquet.schema_arrow, parquet.metadata.num_rows
+
+
+class RowReader:
+    """Random access to rows of embedding files by FAISS id (for the service).
+
+    Parquet is read a row group at a time; the last few row groups read are kept,
+    since neighbours and thumbnails of one page tend to come from few of them.
+    """
+
+    def __init__(self, files: Sequence[EmbeddingFile], cached_row_groups: int = 16):
+        self._files = list(files)
+        self._first_ids = np.array([file.first_id for file in self._files], dtype=np.int64)
+        self._lock = threading.Lock()
+        self._read_row_group = functools.lru_cache(maxsize=cached_row_groups)(self._read_row_group_uncached)
+        self._row_group_starts: dict[int, np.ndarray] = {}
+
+    def row(self, faiss_id: int, columns: tuple[str, ...]) -> dict:
+        number = int(np.searchsorted(self._first_ids, faiss_id, side="right")) - 1
+        file = self._files[number]
+        if number < 0 or not 0 <= faiss_id - file.first_id < file.num_rows:
+            raise KeyError(faiss_id)
+        local = faiss_id - file.first_id
+        with self._lock:
+            starts = self._starts(number)
+            group = int(np.searchsorted(starts, local, side="right")) - 1
+            table = self._read_row_group(number, group, columns)
+        return table.slice(local - int(starts[group]), 1).to_pylist()[0]
+
+    def _starts(self, number: int) -> np.ndarray:
+        if number not in self._row_group_starts:
+            with FileSystems.open(self._files[number].path) as handle:
+                metadata = pq.ParquetFile(handle).metadata
+            sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+            self._row_group_starts[number] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        return self._row_group_starts[number]
+
+    def _read_row_group_uncached(self, number: int, group: int, columns: tuple[str, ...]) -> pa.Table:
+        with FileSystems.open(self._files[number].path) as handle:
+            parquet = pq.ParquetFile(handle)
+            present = [column for column in columns if column in parquet.schema_arrow.names]
+            return parquet.read_row_group(group, columns=present)

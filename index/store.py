@@ -30,8 +30,16 @@ REPORT_FILE = "report.json"
 DUPLICATES_FILE = "duplicates.parquet"
 FORMAT_VERSION = 1
 
+ID_COLUMNS = ("id", "uri", "sha256", "width", "height")
 IDS_SCHEMA = pa.schema(
-    [("faiss_id", pa.int64()), ("id", pa.string()), ("uri", pa.string()), ("sha256", pa.string())]
+    [
+        ("faiss_id", pa.int64()),
+        ("id", pa.string()),
+        ("uri", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
 )
 
 
@@ -58,9 +66,9 @@ def write_ids(sources: list[EmbeddingSource], index_dir: str) -> None:
     temporary = path(index_dir, IDS_FILE + ".tmp")
     with pq.ParquetWriter(temporary, IDS_SCHEMA) as writer:
         for source in sources:
-            for first_id, batch in source.record_batches(["id", "uri", "sha256"]):
+            for first_id, batch in source.record_batches(ID_COLUMNS):
                 faiss_ids = pa.array(np.arange(first_id, first_id + batch.num_rows, dtype=np.int64))
-                columns = [faiss_ids] + [batch.column(name) for name in ("id", "uri", "sha256")]
+                columns = [faiss_ids] + [batch.column(name) for name in ID_COLUMNS]
                 writer.write_batch(pa.record_batch(columns, schema=IDS_SCHEMA))
     os.replace(temporary, path(index_dir, IDS_FILE))
 

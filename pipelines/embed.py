@@ -101,6 +101,14 @@ class EmbedOptions(PipelineOptions):
             help=f"Images with more pixels become error rows undecoded. Default: {DecodeLimits.max_pixels}.",
         )
         parser.add_argument(
+            "--thumbnail-size",
+            dest="thumbnail_size",
+            type=int,
+            default=0,
+            help="Also store a JPEG thumbnail of at most this many pixels a side per image "
+            "(a `thumbnail` column, for the search page). Default: 0, none.",
+        )
+        parser.add_argument(
             "--overwrite",
             action="store_true",
             default=False,
@@ -118,6 +126,7 @@ class EmbedConfig:
     preprocessing: Preprocessing
     limits: DecodeLimits
     batch_size: int
+    thumbnail_size: int
     overwrite: bool
 
     @classmethod
@@ -126,6 +135,8 @@ class EmbedConfig:
             raise ValueError("--output is required")
         if options.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
+        if not 0 <= options.thumbnail_size <= 1024:
+            raise ValueError(f"--thumbnail-size must be between 0 and 1024, got {options.thumbnail_size}")
         # Cheap checks first, so a typo is reported before inputs are listed or a
         # model is downloaded.
         preprocessing = Preprocessing(options.resize, options.central_fraction)
@@ -141,6 +152,7 @@ class EmbedConfig:
             preprocessing=preprocessing,
             limits=limits,
             batch_size=options.batch_size,
+            thumbnail_size=options.thumbnail_size,
             overwrite=options.overwrite,
         )
 
@@ -160,13 +172,13 @@ def _inference_errors(failed):
 def build_pipeline(pipeline: beam.Pipeline, config: EmbedConfig) -> None:
     files = pipeline | "ReadFiles" >> ReadImageFiles(list(config.patterns), config.limits)
     images = files.files | "DecodeAndResize" >> beam.ParDo(
-        DecodeAndResize(config.preprocessing, config.model.image_size, config.limits)
+        DecodeAndResize(config.preprocessing, config.model.image_size, config.limits, config.thumbnail_size)
     ).with_outputs(ERRORS, main="images")
 
     handler = KeyedModelHandler(EmbeddingModelHandler(config.model, max_batch_size=config.batch_size))
     embedded, dead_letters = images.images | "Embed" >> RunInference(handler).with_exception_handling()
 
-    schema = embedding_schema(config.model.output_dim, config.file_metadata())
+    schema = embedding_schema(config.model.output_dim, config.file_metadata(), config.thumbnail_size > 0)
     _ = (
         embedded
         | "ToRows" >> beam.MapTuple(lambda key, result: embedding_row(key, result.inference))

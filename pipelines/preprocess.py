@@ -7,9 +7,11 @@ between stages.
 from __future__ import annotations
 
 import hashlib
+import io
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from PIL import Image
 
 from pipelines.dead_letters import METRICS_NAMESPACE, dead_letter
 from pipelines.records import STAGE_DECODE, ImageKey, image_id
@@ -20,11 +22,27 @@ from transforms.resize import Preprocessing
 DECODE_FAILED = "decode_failed"
 
 
+# Thumbnails are for people looking at results, not for models: small and cheap.
+THUMBNAIL_QUALITY = 80
+
+
+def make_thumbnail(image: Image.Image, size: int) -> bytes:
+    """A JPEG whose longer side is at most ``size`` pixels."""
+    thumbnail = image.copy()
+    thumbnail.thumbnail((size, size), Image.BILINEAR)
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, "JPEG", quality=THUMBNAIL_QUALITY)
+    return buffer.getvalue()
+
+
 class DecodeAndResize(beam.DoFn):
-    def __init__(self, preprocessing: Preprocessing, image_size: int, limits: DecodeLimits):
+    def __init__(
+        self, preprocessing: Preprocessing, image_size: int, limits: DecodeLimits, thumbnail_size: int = 0
+    ):
         self._preprocessing = preprocessing
         self._image_size = image_size
         self._limits = limits
+        self._thumbnail_size = thumbnail_size
         self._decoded = Metrics.counter(METRICS_NAMESPACE, "images_decoded")
 
     def process(self, element):
@@ -32,11 +50,12 @@ class DecodeAndResize(beam.DoFn):
         try:
             image = decode_image(data, self._limits)
             pixels = self._preprocessing.apply(image, self._image_size)
+            thumbnail = make_thumbnail(image, self._thumbnail_size) if self._thumbnail_size else None
         except ImageError as error:
             return [dead_letter(uri, STAGE_DECODE, error.reason, error.message)]
         except Exception as error:  # a decoder bug must cost one row, not the job
             return [dead_letter(uri, STAGE_DECODE, DECODE_FAILED, f"{type(error).__name__}: {error}")]
         self._decoded.inc()
         width, height = image.size
-        key = ImageKey(image_id(uri), uri, width, height, hashlib.sha256(data).hexdigest())
+        key = ImageKey(image_id(uri), uri, width, height, hashlib.sha256(data).hexdigest(), thumbnail)
         return [(key, pixels)]

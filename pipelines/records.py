@@ -43,6 +43,7 @@ class ImageKey(NamedTuple):
     width: int
     height: int
     sha256: str
+    thumbnail: bytes | None = None  # a small JPEG, when --thumbnail-size is set
 
 
 def image_id(uri: str) -> str:
@@ -54,23 +55,26 @@ def error_row(uri: str, stage: str, reason: str, message: str) -> dict:
     return {"id": image_id(uri), "uri": uri, "stage": stage, "reason": reason, "message": message}
 
 
-def embedding_schema(output_dim: int, metadata: dict) -> pa.Schema:
-    """Schema of ``embeddings-*.parquet``; ``metadata`` names model and preprocessing."""
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("uri", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("sha256", pa.string()),
-            ("embedding", pa.list_(pa.float32(), output_dim)),
-        ],
-        metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()},
-    )
+def embedding_schema(output_dim: int, metadata: dict, thumbnails: bool = False) -> pa.Schema:
+    """Schema of ``embeddings-*.parquet``; ``metadata`` names model and preprocessing.
+    The ``thumbnail`` column (JPEG bytes) exists only when thumbnails were asked for."""
+    fields = [
+        ("id", pa.string()),
+        ("uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sha256", pa.string()),
+        ("embedding", pa.list_(pa.float32(), output_dim)),
+    ]
+    if thumbnails:
+        fields.append(("thumbnail", pa.binary()))
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
 
 
 def embedding_row(key: ImageKey, embedding: np.ndarray) -> dict:
     row = key._asdict()
+    if key.thumbnail is None:
+        del row["thumbnail"]
     row["embedding"] = embedding
     return row
 
