@@ -141,6 +141,7 @@ def create_app(searcher: Searcher) -> FastAPI:
             "count": searcher.count,
             "model": searcher.loaded.manifest["model"]["name"],
             "metric": searcher.metric.value,
+            "dimension": searcher.dimension,
             "image_search": searcher.model is not None,
         }
 

@@ -1,0 +1,335 @@
+"""The search service started for real (`imgembed serve` on a loopback port) over
+the default corpus embedded with the real weights; requests through an HTTP
+client, the page through headless Chromium."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pathlib
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from index import command as index_command
+from models.registry import EMBEDDED_MODEL_NAME
+from pipelines import embed
+from pipelines.default_corpus import default_corpus_patterns
+
+BIN = os.path.dirname(sys.executable)
+CORPUS = sorted(path for pattern in default_corpus_patterns() for path in glob.glob(pattern))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The default corpus embedded (with thumbnails) and indexed, as run_local.sh does."""
+    out = tmp_path_factory.mktemp("out")
+    embed.run([f"--output={out}", "--thumbnail-size=96", "--runner=DirectRunner"])
+    assert (
+        index_command.main(["--embeddings", str(out / EMBEDDED_MODEL_NAME), "--output", str(out / "index")])
+        == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    port = free_port()
+    process = subprocess.Popen(
+        [os.path.join(BIN, "imgembed"), "serve", "--index", str(built / "index"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"server exited: {process.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("server did not answer /health within 180 s")
+        time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as http:
+        yield http
+
+
+def corpus_rows(built) -> list[dict]:
+    tables = [pq.read_table(path) for path in glob.glob(str(built / EMBEDDED_MODEL_NAME / "*.parquet"))]
+    return pa.concat_tables(tables).select(["id", "uri", "embedding"]).to_pylist()
+
+
+def test_health_says_what_is_served(client):
+    health = client.get("/health").json()
+    assert health == {
+        "status": "ok",
+        "count": len(CORPUS),
+        "model": EMBEDDED_MODEL_NAME,
+        "metric": "cosine",
+        "dimension": 1024,
+        "image_search": True,
+    }
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=os.path.basename)
+def test_an_uploaded_corpus_image_finds_itself_first(client, path):
+    with open(path, "rb") as file:
+        response = client.post("/v1/search/image", files={"image": file}, params={"k": 3})
+    assert response.status_code == 200, response.text
+    top = response.json()["results"][0]
+    identical = {p for p in CORPUS if pathlib.Path(p).read_bytes() == pathlib.Path(path).read_bytes()}
+    if os.path.basename(path).startswith("chessboard"):  # GRAY and RGB decode to the same pixels
+        identical |= {p for p in CORPUS if "chessboard" in p}
+    assert top["uri"] in identical and top["score"] >= 0.999
+
+
+def test_vector_search_and_neighbours_and_items(client, built):
+    rows = corpus_rows(built)
+    vectors = [row["embedding"] for row in rows[:3]]
+    results = client.post("/v1/search", json={"vectors": vectors, "k": 5}).json()["results"]
+    assert [hits[0]["id"] for hits in results] == [row["id"] for row in rows[:3]]
+    assert all(len(hits) == 5 for hits in results)
+
+    target = rows[5]
+    neighbours = client.get(f"/v1/neighbors/{target['id']}", params={"k": 4}).json()["results"]
+    assert len(neighbours) == 4 and target["id"] not in [hit["id"] for hit in neighbours]
+    scores = [hit["score"] for hit in neighbours]
+    assert scores == sorted(scores, reverse=True)
+
+    item = client.get(f"/v1/items/{target['id']}").json()
+    assert item["uri"] == target["uri"] and item["width"] > 0 and item["height"] > 0
+    thumbnail = client.get(f"/v1/items/{target['id']}/thumbnail")
+    assert thumbnail.headers["content-type"] == "image/jpeg" and thumbnail.content[:2] == b"\xff\xd8"
+
+
+def test_collapsing_duplicates_keeps_one_image_per_cluster(client):
+    gray = next(p for p in CORPUS if p.endswith("chessboard_GRAY.png"))
+    with open(gray, "rb") as file:
+        data = file.read()
+    plain = client.post("/v1/search/image", files={"image": data}, params={"k": 5}).json()["results"]
+    collapsed = client.post(
+        "/v1/search/image", files={"image": data}, params={"k": 5, "collapse_duplicates": "true"}
+    ).json()["results"]
+    assert {os.path.basename(hit["uri"]) for hit in plain[:2]} == {
+        "chessboard_GRAY.png",
+        "chessboard_RGB.png",
+    }
+    assert len({hit["cluster_id"] for hit in collapsed}) == len(collapsed) == 5
+    assert sum("chessboard" in hit["uri"] for hit in collapsed) == 1
+
+
+def truncated_multipart() -> tuple[bytes, dict]:
+    body = b'--XYZ\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n\xff\xd8\xff'
+    return body, {"content-type": "multipart/form-data; boundary=XYZ"}
+
+
+BAD_REQUESTS = [
+    ("GET", "/v1/neighbors/no-such-id", {}, 404),
+    ("GET", "/v1/neighbors/../../etc/passwd", {}, 404),
+    ("GET", "/v1/items/%00%ff", {}, 404),
+    ("GET", "/v1/neighbors/x?k=abc", {}, 422),
+    ("GET", "/v1/neighbors/x?k=1000000000", {}, 400),
+    ("GET", "/v1/neighbors/x?k=-1", {}, 400),
+    ("POST", "/v1/search", {"json": {"vectors": [[1.0, 2.0]]}}, 400),
+    ("POST", "/v1/search", {"json": {"vectors": "not a list"}}, 422),
+    ("POST", "/v1/search", {"json": {"vectors": []}}, 400),
+    ("POST", "/v1/search", {"json": {"vectors": [[0.0] * 1024], "k": 0}}, 400),
+    ("POST", "/v1/search", {"json": {"vectors": [[0.0] * 1024], "k": 10**12}}, 400),
+    ("POST", "/v1/search", {"json": {"vectors": [[0.0] * 1024] * 65}}, 413),
+    ("POST", "/v1/search", {"json": {"k": 3}}, 422),
+    ("POST", "/v1/search", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422),
+    (
+        "POST",
+        "/v1/search",
+        {"content": b'{"vectors": [[NaN]]}', "headers": {"content-type": "application/json"}},
+        400,
+    ),
+    (
+        "POST",
+        "/v1/search",
+        {"content": b"x" * (3 * 2**20), "headers": {"content-type": "application/json"}},
+        413,
+    ),
+    ("POST", "/v1/search/image", {"files": {"image": b""}}, 400),
+    ("POST", "/v1/search/image", {"files": {"image": b"just text, not an image"}}, 400),
+    ("POST", "/v1/search/image", {"files": {"image": b"<svg xmlns='http://www.w3.org/2000/svg'/>"}}, 400),
+    ("POST", "/v1/search/image", {"files": {"other": b"x"}}, 422),
+    ("POST", "/v1/search/image", {"files": {"image": b"\xff" * (11 * 2**20)}}, 413),
+    (
+        "POST",
+        "/v1/search/image",
+        {"content": truncated_multipart()[0], "headers": truncated_multipart()[1]},
+        422,  # python-multipart drops the cut-off part: the image field is missing
+    ),
+    ("POST", "/v1/search/image", {"json": {"image": "base64?"}}, 422),
+    ("DELETE", "/v1/search", {}, 405),
+    ("GET", "/v2/nothing", {}, 404),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "options", "status"), BAD_REQUESTS, ids=lambda v: str(v)[:40])
+def test_bad_requests_get_a_4xx_json_error(client, method, path, options, status):
+    response = client.request(method, path, **options)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] and error["message"]
+
+
+def test_fuzzed_requests_never_get_a_5xx_and_the_server_stays_up(client):
+    rng = random.Random(1234)
+    junk = [b"", b"\x00" * 100, os.urandom(2000), b"{}", b"[]", b'{"vectors": [[1e309]]}', "ü€𝄞".encode()]
+    paths = ["/v1/search", "/v1/search/image", "/v1/neighbors/abc", "/v1/items/abc", "/health", "/metrics"]
+    statuses = []
+    for _ in range(300):
+        method = rng.choice(["GET", "POST", "PUT"])
+        path = rng.choice(paths) + rng.choice(["", "?k=" + rng.choice(["5", "-3", "x", "1e9", ""])])
+        headers = {
+            "content-type": rng.choice(["application/json", "multipart/form-data; boundary=b", "text/plain"])
+        }
+        response = client.request(method, path, content=rng.choice(junk), headers=headers)
+        statuses.append(response.status_code)
+    assert all(status < 500 for status in statuses), sorted(set(statuses))
+    assert client.get("/health").status_code == 200
+
+
+def test_metrics_and_openapi(client):
+    client.get("/health")
+    metrics = client.get("/metrics").text
+    assert 'imgembed_http_requests_total{method="GET",route="/health",status="200"}' in metrics
+    assert "imgembed_http_request_seconds_bucket" in metrics and "imgembed_http_errors_total" in metrics
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/search", "/v1/search/image", "/v1/neighbors/{image_id}", "/v1/items/{image_id}"} <= set(
+        paths
+    )
+
+
+def test_query_command_prints_a_table_and_json(built):
+    query = [os.path.join(BIN, "imgembed"), "query", "--index", str(built / "index")]
+    coffee = next(p for p in CORPUS if p.endswith("coffee.png"))
+    table = subprocess.run(
+        query + ["--image", coffee, "-k", "3"], capture_output=True, text=True, timeout=300
+    )
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert "coffee.png" in table.stdout.splitlines()[1]
+    top_id = json.loads(
+        subprocess.run(
+            query + ["--image", coffee, "--json"], capture_output=True, text=True, timeout=300
+        ).stdout
+    )["results"][0]["id"]
+    by_id = subprocess.run(query + ["--id", top_id, "--json"], capture_output=True, text=True, timeout=300)
+    assert top_id not in [hit["id"] for hit in json.loads(by_id.stdout)["results"]]
+    missing = subprocess.run(query + ["--id", "nope"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "unknown_id" in missing.stderr
+
+
+def test_load_test_script_finishes_without_errors(server, tmp_path):
+    report = tmp_path / "load.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "bench/load_test.py",
+            "--url",
+            server,
+            "--requests",
+            "200",
+            "--clients",
+            "32",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr[-2000:]
+    results = json.loads(report.read_text())
+    assert {r["kind"] for r in results} == {"vector", "image"}
+    assert all(r["errors"] == 0 and r["completed"] == 200 and r["qps"] > 0 for r in results)
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_the_page_uploads_an_image_and_shows_the_neighbour_grid(server):
+    browser_path = chromium_path()
+    if browser_path is None:
+        if os.environ.get("IMGEMBED_REQUIRE_BROWSER"):
+            pytest.fail("IMGEMBED_REQUIRE_BROWSER is set but Debian's chromium is not installed")
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    coffee = next(p for p in CORPUS if p.endswith("coffee.png"))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=browser_path,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+            ],
+        )
+        page = browser.new_page()
+        page.goto(server)
+        page.wait_for_function("document.getElementById('status').textContent.includes('images')")
+        page.set_input_files("#file", coffee)
+        page.wait_for_selector(".hit")
+        cards = page.locator(".hit")
+        assert cards.count() == 12
+        assert cards.first.locator(".name").text_content() == "coffee.png"
+        assert cards.first.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
+        second = cards.nth(1).locator(".name").text_content()
+        cards.nth(1).click()
+        page.wait_for_function(
+            f"document.getElementById('query').textContent.includes({json.dumps('Images like ' + second)})"
+        )
+        assert second not in page.locator(".hit .name").all_text_contents()  # neighbours exclude the query
+        assert page.text_content("#error") == ""
+        browser.close()
+
+
+def test_an_index_without_a_loadable_model_still_serves_vectors(built, tmp_path):
+    from service.searcher import QueryError, Searcher
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(built / "index", index_dir)
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    manifest["model"]["source"] = str(tmp_path / "gone")
+    (index_dir / "manifest.json").write_text(json.dumps(manifest))
+    searcher = Searcher(str(index_dir))
+    assert searcher.model is None
+    with pytest.raises(QueryError) as caught:
+        searcher.search_image(b"...", 3)
+    assert caught.value.status == 503
+    vector = np.asarray([corpus_rows(built)[0]["embedding"]])
+    assert len(searcher.search_vectors(vector, 3)[0]) == 3
