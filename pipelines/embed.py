@@ -1,8 +1,12 @@
 """``imgembed embed``: image files -> MobileNet V1 embeddings in Parquet, on Beam.
 
-    files --ReadImageFiles--> (uri, bytes) --DecodeAndResize--> (ImageKey, uint8 pixels)
-          --RunInference(EmbeddingModelHandler)--> embedding rows --> Parquet
-    every stage's failures -----------------------------------------> error rows --> Parquet
+    files --ReadImageFiles--> (uri, bytes) --DecodeAndResize--> (ImageKey, {size: uint8 pixels})
+          --RunInference(EmbeddingModelHandler), once per --model--> rows --> Parquet per model
+    every stage's failures ----------------------------------------------> error rows --> Parquet
+
+Several ``--model`` flags embed with several models in one pass: each image is
+read and decoded once, resized once per input size, and each model writes its
+own folder.
 
 Runs on any Beam runner; every flag not defined here goes to Beam (``--runner``,
 ``--direct_num_workers``, Dataflow's ``--project``/``--region``/``--setup_file``...).
@@ -26,9 +30,10 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from imgembed.units import parse_size
+from models import labels
 from models.errors import ModelLoadError
 from models.loading import check_available, resolve_spec
-from models.registry import EMBEDDED_MODEL_NAME, ModelSpec
+from models.registry import EMBEDDED_MODEL_NAME, Flavour, ModelSpec
 from pipelines import outputs
 from pipelines.dead_letters import ERRORS, METRICS_NAMESPACE
 from pipelines.default_corpus import default_corpus_patterns
@@ -62,9 +67,19 @@ class EmbedOptions(PipelineOptions):
         parser.add_argument("--output", help="Output folder (required).")
         parser.add_argument(
             "--model",
-            default=EMBEDDED_MODEL_NAME,
-            help="Short name (see `imgembed models`), TF Hub handle/URL, or SavedModel "
-            f"folder. Default: {EMBEDDED_MODEL_NAME}, real weights shipped offline.",
+            dest="models",
+            action="append",
+            help="Short name (see `imgembed models`), TF Hub handle/URL, SavedModel folder, or "
+            ".pb/.tflite/.h5/.keras file (add #classification for class scores); repeat to "
+            f"embed with several models in one pass. Default: {EMBEDDED_MODEL_NAME}, real weights "
+            "shipped offline.",
+        )
+        parser.add_argument(
+            "--top-k",
+            dest="top_k",
+            type=int,
+            default=5,
+            help="Class names and probabilities kept per image by classification models. Default: 5.",
         )
         parser.add_argument(
             "--resize",
@@ -122,11 +137,12 @@ class EmbedConfig:
 
     patterns: tuple[str, ...]
     output_dir: str
-    model: ModelSpec
+    models: tuple[ModelSpec, ...]
     preprocessing: Preprocessing
     limits: DecodeLimits
     batch_size: int
     thumbnail_size: int
+    top_k: int
     overwrite: bool
 
     @classmethod
@@ -135,6 +151,8 @@ class EmbedConfig:
             raise ValueError("--output is required")
         if options.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
+        if options.top_k < 1:
+            raise ValueError(f"--top-k must be at least 1, got {options.top_k}")
         if not 0 <= options.thumbnail_size <= 1024:
             raise ValueError(f"--thumbnail-size must be between 0 and 1024, got {options.thumbnail_size}")
         # Cheap checks first, so a typo is reported before inputs are listed or a
@@ -145,53 +163,76 @@ class EmbedConfig:
             max_pixels=options.max_image_pixels,
         )
         patterns = tuple(expand_patterns(options.inputs or default_corpus_patterns()))
+        models = tuple(resolve_spec(reference) for reference in options.models or [EMBEDDED_MODEL_NAME])
+        names = [model.name for model in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--model names the same model twice: {names}")
         return cls(
             patterns=patterns,
             output_dir=options.output.rstrip("/") or "/",
-            model=resolve_spec(options.model),
+            models=models,
             preprocessing=preprocessing,
             limits=limits,
             batch_size=options.batch_size,
             thumbnail_size=options.thumbnail_size,
+            top_k=options.top_k,
             overwrite=options.overwrite,
         )
 
-    def file_metadata(self) -> dict:
-        return {"model": self.model.to_metadata(), "preprocessing": self.preprocessing.to_metadata()}
+    def file_metadata(self, model: ModelSpec) -> dict:
+        return {"model": model.to_metadata(), "preprocessing": self.preprocessing.to_metadata()}
 
 
-def _inference_errors(failed):
+def _inference_errors(failed, model_name: str):
     """RunInference's dead letters are (batch, exception); one error row per image."""
     batch, exception = failed
     message = f"{type(exception).__name__}: {exception}"
     Metrics.counter(METRICS_NAMESPACE, f"errors_{INFERENCE_FAILED}").inc(len(batch))
     for key, _pixels in batch:
-        yield error_row(key.uri, STAGE_INFERENCE, INFERENCE_FAILED, message)
+        yield error_row(key.uri, STAGE_INFERENCE, INFERENCE_FAILED, message, model_name)
+
+
+def _to_row(key, result, top_k: int | None = None):
+    return embedding_row(key, result.inference, labels.top_k(result.inference, top_k) if top_k else None)
+
+
+def embed_with(images, model: ModelSpec, config: EmbedConfig):
+    """One model's branch: its input size -> RunInference -> Parquet; returns its error rows."""
+    step = f"[{model.name}]"
+    handler = KeyedModelHandler(EmbeddingModelHandler(model, max_batch_size=config.batch_size))
+    embedded, dead_letters = (
+        images
+        | f"Pixels{step}" >> beam.MapTuple(lambda key, by_size, size=model.image_size: (key, by_size[size]))
+        | f"Embed{step}" >> RunInference(handler).with_exception_handling()
+    )
+    classifier = model.flavour is Flavour.CLASSIFICATION
+    schema = embedding_schema(
+        model.output_dim, config.file_metadata(model), config.thumbnail_size > 0, top_k=classifier
+    )
+    _ = (
+        embedded
+        | f"ToRows{step}" >> beam.MapTuple(_to_row, top_k=config.top_k if classifier else None)
+        | f"Write{step}"
+        >> outputs.WriteParquet(outputs.embeddings_prefix(config.output_dir, model.name), schema)
+    )
+    return dead_letters.failed_inferences | f"InferenceErrors{step}" >> beam.FlatMap(
+        _inference_errors, model_name=model.name
+    )
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: EmbedConfig) -> None:
     files = pipeline | "ReadFiles" >> ReadImageFiles(list(config.patterns), config.limits)
+    sizes = tuple(sorted({model.image_size for model in config.models}))
     images = files.files | "DecodeAndResize" >> beam.ParDo(
-        DecodeAndResize(config.preprocessing, config.model.image_size, config.limits, config.thumbnail_size)
+        DecodeAndResize(config.preprocessing, sizes, config.limits, config.thumbnail_size)
     ).with_outputs(ERRORS, main="images")
-
-    handler = KeyedModelHandler(EmbeddingModelHandler(config.model, max_batch_size=config.batch_size))
-    embedded, dead_letters = images.images | "Embed" >> RunInference(handler).with_exception_handling()
-
-    schema = embedding_schema(config.model.output_dim, config.file_metadata(), config.thumbnail_size > 0)
-    _ = (
-        embedded
-        | "ToRows" >> beam.MapTuple(lambda key, result: embedding_row(key, result.inference))
-        | "WriteEmbeddings"
-        >> outputs.WriteParquet(outputs.embeddings_prefix(config.output_dir, config.model.name), schema)
-    )
-    inference_errors = dead_letters.failed_inferences | "InferenceErrors" >> beam.FlatMap(_inference_errors)
-    errors = (files[ERRORS], images[ERRORS], inference_errors) | "AllErrors" >> beam.Flatten()
+    inference_errors = [embed_with(images.images, model, config) for model in config.models]
+    errors = (files[ERRORS], images[ERRORS], *inference_errors) | "AllErrors" >> beam.Flatten()
     outputs.write_errors(errors, config.output_dir)
 
 
 def _prepare_output(config: EmbedConfig) -> None:
-    stale = outputs.existing_outputs(config.output_dir, [config.model.name])
+    stale = outputs.existing_outputs(config.output_dir, [model.name for model in config.models])
     if stale and not config.overwrite:
         raise ValueError(
             f"{config.output_dir} already holds outputs of an earlier run ({stale[0]} ...); "
@@ -210,20 +251,24 @@ def _counter(result, name: str) -> int | None:
     return sum(values) if values else 0
 
 
-def _model_images_per_sec(result) -> float | None:
+def _model_images_per_sec(result, model_name: str) -> float | None:
+    """Images per second inside one model's calls (RunInference's own metrics)."""
+    step = MetricsFilter().with_step(f"Embed[{model_name}]")
     try:
-        found = result.metrics().query(MetricsFilter().with_name("inference_batch_latency_micro_secs"))
-    except NotImplementedError:
+        latencies = result.metrics().query(step.with_name("inference_batch_latency_micro_secs"))
+        counts = result.metrics().query(step.with_name("num_inferences"))
+    except NotImplementedError:  # some runners cannot report metrics
         return None
-    inferences = _counter(result, "num_inferences")
-    micros = sum(dist.result.sum for dist in found["distributions"])
+    micros = sum(distribution.result.sum for distribution in latencies["distributions"])
+    inferences = sum(counter.result for counter in counts["counters"])
     return inferences / (micros / 1e6) if micros and inferences else None
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> outputs.RunSummary:
     options = PipelineOptions(argv)
     config = EmbedConfig.from_options(options.view_as(EmbedOptions))
-    check_available(config.model)
+    for model in config.models:
+        check_available(model)
     _prepare_output(config)
 
     started = time.monotonic()
@@ -232,15 +277,14 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     result = pipeline.run()
     result.wait_until_finish()
 
-    summary = outputs.RunSummary(
-        model=config.model.name,
+    summary = outputs.summarize(
+        config.output_dir,
+        [model.name for model in config.models],
         inputs=_counter(result, "inputs"),
-        rows=outputs.count_rows(outputs.embeddings_glob(config.output_dir, config.model.name)),
-        errors_by_reason=outputs.count_errors_by_reason(outputs.errors_glob(config.output_dir)),
         seconds=time.monotonic() - started,
-        model_images_per_sec=_model_images_per_sec(result),
-        embeddings=outputs.embeddings_glob(config.output_dir, config.model.name),
-        errors=outputs.errors_glob(config.output_dir),
+        model_images_per_sec={
+            model.name: _model_images_per_sec(result, model.name) for model in config.models
+        },
     )
     outputs.write_summary(config.output_dir, summary)
     return summary

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from models.loading import Embedder, load_model
+from models.embedder import Embedder
+from models.loading import load_model
 from models.registry import ModelSpec
 
 METRICS_NAMESPACE = "imgembed"

@@ -69,16 +69,24 @@ def write_errors(errors, output_dir: str):
 
 
 @dataclasses.dataclass
-class RunSummary:
-    """What one embed run produced; ``balanced`` proves nothing was lost."""
-
+class ModelSummary:
     model: str
-    inputs: int | None
     rows: int
-    errors_by_reason: dict[str, int]
-    seconds: float
-    model_images_per_sec: float | None
+    inference_errors: int
+    images_per_sec_in_model: float | None
     embeddings: str
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What one embed run produced; ``balanced`` proves nothing was lost: for every
+    model, inputs = its rows + the shared read/decode errors + its inference errors."""
+
+    inputs: int | None
+    input_errors: int
+    errors_by_reason: dict[str, int]
+    models: list[ModelSummary]
+    seconds: float
     errors: str
 
     @property
@@ -87,7 +95,9 @@ class RunSummary:
 
     @property
     def balanced(self) -> bool:
-        return self.inputs is None or self.inputs == self.rows + self.errors_total
+        return self.inputs is None or all(
+            self.inputs == model.rows + self.input_errors + model.inference_errors for model in self.models
+        )
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
@@ -98,22 +108,47 @@ class RunSummary:
     def report(self) -> str:
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.errors_by_reason.items()))
         inputs = "?" if self.inputs is None else str(self.inputs)
-        lines = [
-            f"Embedded {self.rows} images with {self.model} in {self.seconds:.1f} s "
-            f"({self.rows / max(self.seconds, 1e-9):.1f} images/s end to end"
-            + (
-                f", {self.model_images_per_sec:.1f} images/s in the model)"
-                if self.model_images_per_sec
-                else ")"
-            ),
-            f"  inputs {inputs} = embedded {self.rows} + errors {self.errors_total}"
-            + (f" ({reasons})" if reasons else ""),
-            f"  embeddings: {self.embeddings}",
-            f"  errors:     {self.errors}",
-        ]
+        lines = [f"Read {inputs} inputs in {self.seconds:.1f} s; {self.input_errors} could not be decoded"]
+        for model in self.models:
+            speed = f"{model.rows / max(self.seconds, 1e-9):.1f} images/s end to end"
+            if model.images_per_sec_in_model:
+                speed += f", {model.images_per_sec_in_model:.1f} images/s in the model"
+            lines += [
+                f"Embedded {model.rows} images with {model.model} ({speed})",
+                f"  inputs {inputs} = embedded {model.rows} + errors "
+                f"{self.input_errors + model.inference_errors}",
+                f"  embeddings: {model.embeddings}",
+            ]
+        lines.append(
+            f"Errors: {self.errors_total}" + (f" ({reasons})" if reasons else "") + f" in {self.errors}"
+        )
         if not self.balanced:
-            lines.append("  ACCOUNTING MISMATCH: some inputs produced neither a row nor an error row")
+            lines.append("ACCOUNTING MISMATCH: some inputs produced neither a row nor an error row")
         return "\n".join(lines)
+
+
+def summarize(
+    output_dir: str,
+    model_names: list[str],
+    inputs: int | None,
+    seconds: float,
+    model_images_per_sec: dict[str, float | None],
+) -> RunSummary:
+    """Counts what the run wrote, from the files themselves."""
+    errors = read_errors(errors_glob(output_dir))
+    input_errors = sum(1 for row in errors if row["stage"] != "inference")
+    models = [
+        ModelSummary(
+            model=name,
+            rows=count_rows(embeddings_glob(output_dir, name)),
+            inference_errors=sum(1 for row in errors if row["stage"] == "inference" and row["model"] == name),
+            images_per_sec_in_model=model_images_per_sec.get(name),
+            embeddings=embeddings_glob(output_dir, name),
+        )
+        for name in model_names
+    ]
+    reasons = dict(Counter(row["reason"] for row in errors))
+    return RunSummary(inputs, input_errors, reasons, models, seconds, errors_glob(output_dir))
 
 
 def count_rows(pattern: str) -> int:
@@ -125,12 +160,13 @@ def count_rows(pattern: str) -> int:
     return total
 
 
-def count_errors_by_reason(pattern: str) -> dict[str, int]:
-    reasons: Counter[str] = Counter()
+def read_errors(pattern: str) -> list[dict]:
+    """Stage, reason and model of every error row (errors are few; their messages are not read)."""
+    rows: list[dict] = []
     for path in list_files(pattern):
         with FileSystems.open(path) as file:
-            reasons.update(pq.read_table(file, columns=["reason"]).column("reason").to_pylist())
-    return dict(reasons)
+            rows += pq.read_table(file, columns=["stage", "reason", "model"]).to_pylist()
+    return rows
 
 
 def write_summary(output_dir: str, summary: RunSummary) -> str:

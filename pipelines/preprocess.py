@@ -1,7 +1,8 @@
-"""Beam DoFn: (uri, bytes) -> (ImageKey, uint8 [S, S, 3] model input), or an error row.
+"""Beam DoFn: (uri, bytes) -> (ImageKey, {S: uint8 [S, S, 3]}), or an error row.
 
-Pixels stay uint8 until the model handler: a quarter of the bytes of float32
-between stages.
+Each image is decoded once and resized once per input size S the run's models
+need. Pixels stay uint8 until the model handler: a quarter of the bytes of
+float32 between stages.
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ def make_thumbnail(image: Image.Image, size: int) -> bytes:
 
 class DecodeAndResize(beam.DoFn):
     def __init__(
-        self, preprocessing: Preprocessing, image_size: int, limits: DecodeLimits, thumbnail_size: int = 0
+        self,
+        preprocessing: Preprocessing,
+        image_sizes: tuple[int, ...],
+        limits: DecodeLimits,
+        thumbnail_size: int = 0,
     ):
         self._preprocessing = preprocessing
-        self._image_size = image_size
+        self._image_sizes = image_sizes
         self._limits = limits
         self._thumbnail_size = thumbnail_size
         self._decoded = Metrics.counter(METRICS_NAMESPACE, "images_decoded")
@@ -49,7 +54,7 @@ class DecodeAndResize(beam.DoFn):
         uri, data = element
         try:
             image = decode_image(data, self._limits)
-            pixels = self._preprocessing.apply(image, self._image_size)
+            pixels = {size: self._preprocessing.apply(image, size) for size in self._image_sizes}
             thumbnail = make_thumbnail(image, self._thumbnail_size) if self._thumbnail_size else None
         except ImageError as error:
             return [dead_letter(uri, STAGE_DECODE, error.reason, error.message)]

@@ -31,6 +31,9 @@ ERROR_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("reason", pa.string()),
         ("message", pa.string()),
+        # The model an inference error belongs to; empty for read and decode errors,
+        # which every model shares.
+        ("model", pa.string()),
     ]
 )
 
@@ -51,13 +54,23 @@ def image_id(uri: str) -> str:
     return hashlib.blake2b(uri.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def error_row(uri: str, stage: str, reason: str, message: str) -> dict:
-    return {"id": image_id(uri), "uri": uri, "stage": stage, "reason": reason, "message": message}
+def error_row(uri: str, stage: str, reason: str, message: str, model: str | None = None) -> dict:
+    return {
+        "id": image_id(uri),
+        "uri": uri,
+        "stage": stage,
+        "reason": reason,
+        "message": message,
+        "model": model,
+    }
 
 
-def embedding_schema(output_dim: int, metadata: dict, thumbnails: bool = False) -> pa.Schema:
+def embedding_schema(
+    output_dim: int, metadata: dict, thumbnails: bool = False, top_k: bool = False
+) -> pa.Schema:
     """Schema of ``embeddings-*.parquet``; ``metadata`` names model and preprocessing.
-    The ``thumbnail`` column (JPEG bytes) exists only when thumbnails were asked for."""
+    Optional columns: ``thumbnail`` (JPEG bytes) when thumbnails were asked for;
+    ``top_labels`` and ``top_scores`` (class names, probabilities) for classifiers."""
     fields = [
         ("id", pa.string()),
         ("uri", pa.string()),
@@ -68,14 +81,18 @@ def embedding_schema(output_dim: int, metadata: dict, thumbnails: bool = False) 
     ]
     if thumbnails:
         fields.append(("thumbnail", pa.binary()))
+    if top_k:
+        fields += [("top_labels", pa.list_(pa.string())), ("top_scores", pa.list_(pa.float32()))]
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
 
 
-def embedding_row(key: ImageKey, embedding: np.ndarray) -> dict:
+def embedding_row(key: ImageKey, embedding: np.ndarray, top: tuple[list, list] | None = None) -> dict:
     row = key._asdict()
     if key.thumbnail is None:
         del row["thumbnail"]
     row["embedding"] = embedding
+    if top is not None:
+        row["top_labels"], row["top_scores"] = top
     return row
 
 

@@ -22,7 +22,7 @@ from index.reader import RowReader
 from index.vectors import IndexInputError, prepare
 from models.errors import ModelLoadError
 from models.loading import load_model
-from models.registry import Flavour, ModelSpec
+from models.registry import ModelSpec
 from pipelines.model_handler import scale_pixels
 from transforms.decode import DecodeLimits, ImageError, decode_image
 from transforms.resize import Preprocessing
@@ -81,14 +81,7 @@ class Searcher:
 
     def _load_model(self, model: dict) -> None:
         try:
-            spec = ModelSpec(
-                model["name"],
-                model["source"],
-                model["image_size"],
-                model["output_dim"],
-                Flavour(model["flavour"]),
-            )
-            self.model = load_model(spec)
+            self.model = load_model(ModelSpec.from_metadata(model))
             self.model_error = None
         except (ModelLoadError, KeyError, ValueError) as error:
             self.model_error = f"the index's model cannot be loaded, so image search is off: {error}"

@@ -82,7 +82,9 @@ def test_rows_equal_the_model_on_the_same_pixels_and_bad_files_become_error_rows
     error_rows = errors(output).to_pylist()
     assert {os.path.basename(r["uri"]): r["reason"] for r in error_rows} == expected_reasons
     assert all(r["message"] and r["stage"] in ("read", "decode") for r in error_rows)
-    assert summary.inputs == 9 and summary.rows == 6 and summary.errors_total == 3 and summary.balanced
+    assert (
+        summary.inputs == 9 and summary.models[0].rows == 6 and summary.errors_total == 3 and summary.balanced
+    )
 
 
 def frozen_graph_features(images: np.ndarray) -> np.ndarray:
@@ -129,7 +131,7 @@ def test_default_corpus_gives_one_1024_d_row_per_image(tmp_path):
     table = embeddings(tmp_path, EMBEDDED_MODEL_NAME)
     assert set(table["uri"].to_pylist()) == files
     assert table.schema.field("embedding").type.list_size == 1024
-    assert summary.rows == len(files) and summary.errors_total == 0 and summary.balanced
+    assert summary.models[0].rows == len(files) and summary.errors_total == 0 and summary.balanced
     assert len(errors(tmp_path)) == 0  # the errors file exists even when empty
 
 
@@ -183,8 +185,12 @@ def test_inference_failures_become_error_rows(photo_dir, tmp_path):
     )
     (failed,) = errors(tmp_path / "out").to_pylist()
     assert failed["uri"].endswith("white.png")
-    assert (failed["stage"], failed["reason"]) == ("inference", "inference_failed")
-    assert summary.rows == 6 and summary.balanced
+    assert (failed["stage"], failed["reason"], failed["model"]) == (
+        "inference",
+        "inference_failed",
+        "fails_on_bright",
+    )
+    assert summary.models[0].rows == 6 and summary.balanced
 
 
 def test_bad_arguments_get_a_message_not_a_traceback(tmp_path, capsys):
@@ -207,5 +213,5 @@ def test_cli_runs_on_the_local_multiprocess_runner(photo_dir, tiny_model_dir, tm
         timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "inputs 9 = embedded 6 + errors 3" in completed.stdout
+    assert "inputs 9 = embedded 6 + errors 3" in completed.stdout, completed.stdout
     assert len(embeddings(tmp_path, "tiny_mobilenet_64")) == 6

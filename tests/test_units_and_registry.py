@@ -22,7 +22,12 @@ def test_bad_sizes_say_what_is_expected(text):
 
 def test_registry_covers_the_mobilenet_v1_family():
     hub_specs = [spec for spec in KNOWN_MODELS.values() if spec.source.startswith("https://tfhub.dev/")]
-    assert len(hub_specs) == 4 * 4 * 2
+    # 4 depths x 4 sizes x {feature vector, classification} x {float, quantops}
+    assert len(hub_specs) == 4 * 4 * 2 * 2
+    quantops = KNOWN_MODELS["mobilenet_v1_100_160_quantops"]
+    assert (
+        quantops.source == "https://tfhub.dev/google/imagenet/mobilenet_v1_100_160/quantops/feature_vector/3"
+    )
     spec = KNOWN_MODELS["mobilenet_v1_075_192"]
     assert spec.source == "https://tfhub.dev/google/imagenet/mobilenet_v1_075_192/feature_vector/4"
     assert (spec.image_size, spec.output_dim, spec.flavour) == (192, 768, Flavour.FEATURE_VECTOR)
@@ -30,3 +35,4 @@ def test_registry_covers_the_mobilenet_v1_family():
     assert classifier.source.endswith("mobilenet_v1_025_128/classification/4")
     assert classifier.output_dim == 1001
     assert {s.output_dim for s in hub_specs if s.flavour is Flavour.FEATURE_VECTOR} == {256, 512, 768, 1024}
+    assert {s.output_dim for s in hub_specs if s.flavour is Flavour.CLASSIFICATION} == {1001}

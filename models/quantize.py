@@ -1,0 +1,290 @@
+"""``imgembed quantize``: post-training int8 quantization of a float model to TFLite.
+
+TF2 has no quantops modules: TF Hub's documented path to int8 is TFLite
+post-training quantization, calibrated on representative inputs. Here those are
+a sample of the user's own images, preprocessed exactly as the pipeline does.
+Weights and activations become int8, except the few layers whose int8 error is
+far above their quantization step (MobileNet V1's early depthwise layers, whose
+folded batch norm spreads the weights): TFLite's quantization debugger measures
+every layer on the calibration images and the worst ``--float-layers`` stay
+float. The file takes the [0, 1] image and returns the float vector, so it drops
+into the pipeline (``--model model_int8.tflite``). A fidelity report compares it
+with the float model on other images: cosine per image, kNN@10 overlap, and
+top-1 with labels.
+
+    imgembed quantize --model mobilenet_v1_100_224_embedded --calibration 'photos/*.jpg' \\
+        --output mobilenet_int8.tflite --evaluate 'held_out/*.jpg'
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import sys
+
+import numpy as np
+
+from models import tflite
+from models.errors import ModelLoadError
+from models.loading import load_model, resolve_spec
+from models.registry import Flavour, Format, ModelSpec
+from pipelines.model_handler import scale_pixels
+from transforms.decode import DecodeLimits, ImageError, decode_image
+from transforms.resize import Preprocessing
+
+KNN = 10
+
+
+def traceable_function(spec: ModelSpec):
+    """A tf.function of one [1, S, S, 3] image in [0, 1], and what must stay alive for it."""
+    import tensorflow as tf
+
+    signature = tf.TensorSpec([1, spec.image_size, spec.image_size, 3], tf.float32)
+    if spec.format is Format.FROZEN_GRAPH:
+        from models.frozen_graph import load_module
+
+        module = load_module(spec.source, spec.flavour)
+        return tf.function(module.serve).get_concrete_function(signature), module
+    if spec.format is Format.HUB:
+        import tensorflow_hub as hub
+
+        from models.hub_modules import SIGNATURES, hub_errors
+
+        with hub_errors(spec.source):
+            module = hub.load(spec.source)
+        if callable(module):
+            return tf.function(lambda images: module(images)).get_concrete_function(signature), module
+        name = next(name for name in SIGNATURES if name in module.signatures)
+        call = module.signatures[name]
+        ((input_name, _),) = call.structured_input_signature[1].items()
+        return tf.function(lambda images: call(**{input_name: images})["default"]).get_concrete_function(
+            signature
+        ), module
+    if spec.format is Format.KERAS:
+        from models.keras_files import _model_for
+
+        model = _model_for(spec.source, spec.flavour)
+        return tf.function(lambda images: model(images * 2.0 - 1.0, training=False)).get_concrete_function(
+            signature
+        ), model
+    raise ModelLoadError(f"{spec.name} is already TFLite; quantize its float source model instead")
+
+
+# A layer whose int8 error is this many times the error of rounding to its
+# quantization step is "far above" it; only such layers may stay float.
+ERROR_RATIO_FOR_FLOAT = 10.0
+DEBUG_IMAGES = 20
+
+
+def convert_to_int8(
+    spec: ModelSpec, calibration: np.ndarray, float_layers: int = 2
+) -> tuple[bytes, list[str]]:
+    """int8 TFLite bytes of the model, calibrated on float [n, S, S, 3] images in
+    [0, 1], and the names of the layers kept float."""
+    import tensorflow as tf
+
+    function, keep_alive = traceable_function(spec)
+
+    def converter():
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([function], keep_alive)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+        # int8 kernels, with float ones allowed for the layers kept float.
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+            tf.lite.OpsSet.TFLITE_BUILTINS,
+        ]
+        return converter
+
+    def debug_images():
+        return ([image[None]] for image in calibration[:DEBUG_IMAGES])
+
+    kept_float = []
+    if float_layers:
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter(), debug_dataset=debug_images
+        )
+        debugger.run()
+        kept_float = _worst_layers(debugger, float_layers)
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=kept_float)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter(), debug_dataset=debug_images, debug_options=options
+    )
+    data = debugger.get_nondebug_quantized_model()
+    return tflite.add_metadata(data, tflite.INPUT_RANGE_METADATA, tflite.UNIT_RANGE), kept_float
+
+
+def _worst_layers(debugger, count: int) -> list[str]:
+    buffer = io.StringIO()
+    debugger.layer_statistics_dump(buffer)
+    buffer.seek(0)
+    ratios = []
+    for row in csv.DictReader(buffer):
+        scale = float(row["scale"] or 0)
+        if scale:
+            rounding_error = scale**2 / 12  # variance of uniform rounding to the step
+            ratios.append((float(row["mean_squared_error"]) / rounding_error, row["tensor_name"]))
+    ratios.sort(reverse=True)
+    return [name for ratio, name in ratios[:count] if ratio > ERROR_RATIO_FOR_FLOAT]
+
+
+def read_images(
+    pattern: str, count: int, preprocessing: Preprocessing, size: int, seed: int
+) -> tuple[np.ndarray, list[str]]:
+    """A seeded sample of up to ``count`` decodable images, preprocessed as the pipeline does."""
+    paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(paths)
+    pixels, used = [], []
+    for path in paths:
+        try:
+            with open(path, "rb") as file:
+                image = decode_image(file.read(), DecodeLimits())
+        except (ImageError, OSError):
+            continue
+        pixels.append(preprocessing.apply(image, size))
+        used.append(path)
+        if len(used) == count:
+            break
+    if not used:
+        raise ValueError(f"no decodable images match {pattern}")
+    return scale_pixels(np.stack(pixels)), used
+
+
+def embed_all(embedder, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([embedder(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+def knn_overlap(reference: np.ndarray, other: np.ndarray, k: int = KNN) -> float:
+    """Mean share of each image's k nearest others (cosine) that both embeddings agree on."""
+
+    def neighbours(vectors):
+        unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        similarity = unit @ unit.T
+        np.fill_diagonal(similarity, -np.inf)
+        return np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+
+    a, b = neighbours(reference), neighbours(other)
+    return float(np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(a, b, strict=True)]))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def read_labels(path: str) -> dict[str, int]:
+    """``file name,class index`` per line (1001-way indexing, 0 = background)."""
+    with open(path) as file:
+        return {
+            name: int(index) for name, index in (line.strip().split(",") for line in file if line.strip())
+        }
+
+
+def top1(scores: np.ndarray, paths: list[str], labels: dict[str, int]) -> float | None:
+    known = [i for i, path in enumerate(paths) if os.path.basename(path) in labels]
+    if not known:
+        return None
+    offset = 1001 - scores.shape[1]  # 1000-class models have no background class
+    truth = np.array([labels[os.path.basename(paths[i])] for i in known])
+    return float(np.mean(np.argmax(scores[known], axis=1) + offset == truth))
+
+
+def fidelity(float_vectors: np.ndarray, int8_vectors: np.ndarray) -> dict:
+    similarities = cosine(float_vectors, int8_vectors)
+    return {
+        "images": len(float_vectors),
+        "cosine_mean": round(float(similarities.mean()), 5),
+        "cosine_min": round(float(similarities.min()), 5),
+        f"knn@{KNN}_overlap": round(knn_overlap(float_vectors, int8_vectors), 4),
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="imgembed quantize", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", required=True, help="The float model (short name, handle, folder, .pb, .h5)."
+    )
+    parser.add_argument("--calibration", required=True, help="Glob of your own images to calibrate on.")
+    parser.add_argument("--calibration-size", type=int, default=200, help="Images used to calibrate (200).")
+    parser.add_argument(
+        "--output", required=True, help="The .tflite file to write (a .json report goes beside it)."
+    )
+    parser.add_argument(
+        "--evaluate",
+        default=None,
+        help="Glob of images to compare float and int8 on (default: --calibration).",
+    )
+    parser.add_argument("--evaluate-size", type=int, default=500, help="Images compared (500).")
+    parser.add_argument(
+        "--labels",
+        default=None,
+        help="'file name,class' lines: report top-1 too (for #classification models).",
+    )
+    parser.add_argument("--resize", default="crop", help="Preprocessing, as for `imgembed embed` (crop).")
+    parser.add_argument("--central-fraction", type=float, default=1.0)
+    parser.add_argument(
+        "--float-layers",
+        type=int,
+        default=2,
+        help="Most layers kept float when int8 hurts them most (2; 0: none).",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        preprocessing = Preprocessing(args.resize, args.central_fraction)
+        spec = resolve_spec(args.model)
+        calibration, _ = read_images(
+            args.calibration, args.calibration_size, preprocessing, spec.image_size, args.seed
+        )
+        int8_bytes, kept_float = convert_to_int8(spec, calibration, args.float_layers)
+        with open(args.output, "wb") as file:
+            file.write(int8_bytes)
+        images, paths = read_images(
+            args.evaluate or args.calibration,
+            args.evaluate_size,
+            preprocessing,
+            spec.image_size,
+            args.seed + 1,
+        )
+        quantized = resolve_spec(
+            args.output + ("#classification" if spec.flavour is Flavour.CLASSIFICATION else "")
+        )
+        report = {
+            "model": spec.to_metadata(),
+            "int8_file": args.output,
+            "int8_bytes": len(int8_bytes),
+            "calibration_images": len(calibration),
+            "layers_kept_float": kept_float,
+            "preprocessing": preprocessing.to_metadata(),
+        }
+        float_vectors = embed_all(load_model(spec), images)
+        int8_vectors = embed_all(load_model(quantized), images)
+        report["fidelity"] = fidelity(float_vectors, int8_vectors)
+        if args.labels and spec.flavour is Flavour.CLASSIFICATION:
+            labels = read_labels(args.labels)
+            report["top1"] = {
+                "float": top1(float_vectors, paths, labels),
+                "int8": top1(int8_vectors, paths, labels),
+            }
+    except (ModelLoadError, ValueError, OSError) as error:
+        print(f"imgembed quantize: {error}", file=sys.stderr)
+        return 2
+    with open(os.path.splitext(args.output)[0] + ".json", "w") as file:
+        json.dump(report, file, indent=2)
+    quality = report["fidelity"]
+    print(
+        f"Wrote {args.output} ({len(int8_bytes) / 2**20:.1f} MiB, int8), calibrated on {len(calibration)} images; "
+        f"kept float: {', '.join(kept_float) or 'nothing'}.\n"
+        f"  vs float on {quality['images']} images: cosine mean {quality['cosine_mean']:.4f}, "
+        f"min {quality['cosine_min']:.4f}; kNN@{KNN} overlap {quality[f'knn@{KNN}_overlap']:.3f}"
+        + (
+            f"\n  top-1: float {report['top1']['float']:.3f}, int8 {report['top1']['int8']:.3f}"
+            if report.get("top1")
+            else ""
+        )
+    )
+    return 0
