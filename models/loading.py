@@ -7,7 +7,8 @@ A model reference is one of
 - a model file: ``.pb`` (frozen TF-Slim graph), ``.tflite`` (float or quantized;
   ``a.tflite+b.tflite`` chains two), ``.h5`` / ``.keras`` (Keras MobileNet).
 A file reads its pooled feature vector; append ``#classification`` for its class
-scores instead (``mobilenet_v1_0.5_160_quant.tflite#classification``).
+scores instead (``mobilenet_v1_0.5_160_quant.tflite#classification``). Prefix
+``name=`` to choose the model's name (its output folder): ``coral=models/a.tflite``.
 
 Every loaded model is an ``Embedder`` (models/embedder.py): float32 [N, S, S, 3]
 in [0, 1] in, float32 [N, D] out.
@@ -19,6 +20,7 @@ in [0, 1] in, float32 [N, D] out.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import re
@@ -57,8 +59,18 @@ def _split_flavour(reference: str) -> tuple[str, Flavour]:
         raise ModelLoadError(f"#{flavour}: the flavour must be #feature_vector or #classification") from None
 
 
+_NAMED = re.compile(r"^([A-Za-z0-9._-]+)=(.+)$")
+
+
 def resolve_spec(reference: str) -> ModelSpec:
     """Names, shapes and source of a model; loads it only if it is not in the registry."""
+    named = _NAMED.match(reference)
+    if named:
+        return dataclasses.replace(_resolve(named.group(2)), name=named.group(1))
+    return _resolve(reference)
+
+
+def _resolve(reference: str) -> ModelSpec:
     if reference in KNOWN_MODELS:
         return KNOWN_MODELS[reference]
     for spec in KNOWN_MODELS.values():

@@ -132,6 +132,11 @@ def _worst_layers(debugger, count: int) -> list[str]:
     return [name for ratio, name in ratios[:count] if ratio > ERROR_RATIO_FOR_FLOAT]
 
 
+def layer_name(tensor_name: str) -> str:
+    """TFLite names fused tensors 'a;b;c'; the first part names the layer."""
+    return tensor_name.split(";")[0]
+
+
 def read_images(
     pattern: str, count: int, preprocessing: Preprocessing, size: int, seed: int
 ) -> tuple[np.ndarray, list[str]]:
@@ -258,7 +263,7 @@ def main(argv: list[str]) -> int:
             "int8_file": args.output,
             "int8_bytes": len(int8_bytes),
             "calibration_images": len(calibration),
-            "layers_kept_float": kept_float,
+            "layers_kept_float": [layer_name(name) for name in kept_float],
             "preprocessing": preprocessing.to_metadata(),
         }
         float_vectors = embed_all(load_model(spec), images)
@@ -278,7 +283,7 @@ def main(argv: list[str]) -> int:
     quality = report["fidelity"]
     print(
         f"Wrote {args.output} ({len(int8_bytes) / 2**20:.1f} MiB, int8), calibrated on {len(calibration)} images; "
-        f"kept float: {', '.join(kept_float) or 'nothing'}.\n"
+        f"kept float: {', '.join(layer_name(name) for name in kept_float) or 'nothing'}.\n"
         f"  vs float on {quality['images']} images: cosine mean {quality['cosine_mean']:.4f}, "
         f"min {quality['cosine_min']:.4f}; kNN@{KNN} overlap {quality[f'knn@{KNN}_overlap']:.3f}"
         + (

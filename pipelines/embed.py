@@ -166,7 +166,10 @@ class EmbedConfig:
         models = tuple(resolve_spec(reference) for reference in options.models or [EMBEDDED_MODEL_NAME])
         names = [model.name for model in models]
         if len(set(names)) != len(names):
-            raise ValueError(f"--model names the same model twice: {names}")
+            raise ValueError(
+                f"two --model flags give the same name (output folder): {names}; "
+                "name one of them: --model other_name=PATH"
+            )
         return cls(
             patterns=patterns,
             output_dir=options.output.rstrip("/") or "/",
@@ -281,6 +284,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         config.output_dir,
         [model.name for model in config.models],
         inputs=_counter(result, "inputs"),
+        images_decoded=_counter(result, "images_decoded"),
         seconds=time.monotonic() - started,
         model_images_per_sec={
             model.name: _model_images_per_sec(result, model.name) for model in config.models

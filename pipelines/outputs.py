@@ -83,6 +83,7 @@ class RunSummary:
     model, inputs = its rows + the shared read/decode errors + its inference errors."""
 
     inputs: int | None
+    images_decoded: int | None  # once per image, whatever the number of models
     input_errors: int
     errors_by_reason: dict[str, int]
     models: list[ModelSummary]
@@ -131,6 +132,7 @@ def summarize(
     output_dir: str,
     model_names: list[str],
     inputs: int | None,
+    images_decoded: int | None,
     seconds: float,
     model_images_per_sec: dict[str, float | None],
 ) -> RunSummary:
@@ -148,7 +150,7 @@ def summarize(
         for name in model_names
     ]
     reasons = dict(Counter(row["reason"] for row in errors))
-    return RunSummary(inputs, input_errors, reasons, models, seconds, errors_glob(output_dir))
+    return RunSummary(inputs, images_decoded, input_errors, reasons, models, seconds, errors_glob(output_dir))
 
 
 def count_rows(pattern: str) -> int:
