@@ -21,6 +21,10 @@ COMMANDS = {
         "models.quantize",
         "post-training int8 quantization of a model to TFLite, with a fidelity report",
     ),
+    "compare": (
+        "models.compare",
+        "compare model variants on the same images: speed, size, kNN agreement, top-1",
+    ),
     "models": ("models.catalogue", "list the models known by short name"),
 }
 

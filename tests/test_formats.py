@@ -275,3 +275,24 @@ def test_int8_default_model_keeps_knn_overlap_and_runs_in_the_pipeline(imagenet_
         [f"--input={path}" for path in sample] + [f"--output={tmp_path}/out", f"--model={int8}"] + IN_PROCESS
     )
     assert summary.models[0].rows == 20 and summary.balanced
+
+
+def test_compare_reports_speed_size_agreement_and_top1(models_dir, square_images, tmp_path):
+    from models import compare
+
+    folder, _ = square_images
+    labels = tmp_path / "labels.csv"
+    labels.write_text("".join(f"{index}.png,{index + 1}\n" for index in range(5)))
+    argv = [f"--images={folder}/*", f"--labels={labels}", f"--output={tmp_path}/report", "--resize=squash"]
+    argv += [f"--model={models_dir[name]}" for name in ("tf2", "frozen", "tflite")]
+    assert compare.main(argv) == 0
+    report = __import__("json").loads((tmp_path / "report" / "compare.json").read_text())
+    results = {r["name"]: r for r in report["results"]}
+    assert report["images"] == 5 and set(results) == {"tf2_savedmodel", "slim_frozen", "slim_float"}
+    # Three files of one network agree on every neighbour.
+    assert all(r["knn_agreement"] == 1.0 for r in results.values())
+    assert all(r["bytes_per_vector"] == 256 * 4 and r["images_per_sec"] > 0 for r in results.values())
+    assert results["tf2_savedmodel"]["top1"] is None  # a SavedModel folder has no classifier sibling
+    assert 0.0 <= results["slim_frozen"]["top1"] <= 1.0
+    page = (tmp_path / "report" / "compare.html").read_text()
+    assert page.count("<svg") == 4 and "slim_float" in page
