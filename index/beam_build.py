@@ -48,18 +48,25 @@ def shard_path(temp_dir: str, file: EmbeddingFile) -> str:
 class AddFileToShard(beam.DoFn):
     """One embedding file -> an empty copy of the trained index holding its rows."""
 
-    def __init__(self, empty_index_path: str, temp_dir: str, metric: Metric):
+    def __init__(self, empty_index_path: str, temp_dir: str, metric: Metric, transform_dir: str | None):
         self._empty_index_path = empty_index_path
         self._temp_dir = temp_dir
         self._metric = metric
+        self._transform_dir = transform_dir
         self._vectors = Metrics.counter("imgembed_index", "vectors_added")
 
     def setup(self):
         self._empty = _read_index(self._empty_index_path)
+        self._transform = None
+        if self._transform_dir:
+            from transforms.embedding_transform import EmbeddingTransform
+
+            self._transform = EmbeddingTransform(self._transform_dir)
 
     def process(self, file: EmbeddingFile):
         shard = faiss.clone_index(self._empty)
-        for first_id, vectors in EmbeddingSource.from_files([file]).vector_batches():
+        source = EmbeddingSource.from_files([file]).with_transform(self._transform)
+        for first_id, vectors in source.vector_batches():
             add_vectors(shard, prepare(vectors, self._metric, file.path), first_id, base_id=file.first_id)
         self._vectors.inc(shard.ntotal)
         _write_index(shard, shard_path(self._temp_dir, file))
@@ -81,6 +88,7 @@ def add_with_beam(
         add_locally(index, source, metric)
         return
     temp_dir = FileSystems.join(temp_location or tempfile.mkdtemp(prefix="imgembed-index-"), uuid.uuid4().hex)
+    transform_dir = source.transform.directory if source.transform is not None else None
     empty = faiss.clone_index(index)
     empty.reset()  # keeps the training, drops any rows an incremental add starts from
     empty_path = FileSystems.join(temp_dir, "trained-empty.faiss")
@@ -91,7 +99,7 @@ def add_with_beam(
             pipeline
             | "Files" >> beam.Create(source.files)
             | "Spread" >> beam.Reshuffle()
-            | "AddToShards" >> beam.ParDo(AddFileToShard(empty_path, temp_dir, metric))
+            | "AddToShards" >> beam.ParDo(AddFileToShard(empty_path, temp_dir, metric, transform_dir))
         )
     for file in source.files:  # id order: refine codes are positional
         merge_shard(index, _read_index(shard_path(temp_dir, file)))

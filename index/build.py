@@ -20,15 +20,17 @@ import faiss
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
 from imgembed import __version__
 from index import store
 from index.choose import IndexPlan, choose_index, nlist_for
 from index.duplicates import write_duplicates
-from index.evaluate import exact_neighbours, latency, recall, recall_report, tune
+from index.evaluate import QuerySet, exact_neighbours, latency, recall, recall_report, tune
 from index.faiss_index import add_vectors, is_ivf, new_index, search_param_grid, set_search_params
 from index.reader import EmbeddingSource
 from index.vectors import IndexInputError, Metric, prepare
+from transforms.embedding_transform import TransformOptions
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ class IndexConfig:
     eval_queries: int = 1000
     dedup_threshold: float | None = 0.95  # cosine similarity; None skips near duplicates
     seed: int = 0
+    transform: TransformOptions | None = None  # a tf.Transform stage before indexing
+    compare_raw: bool = True  # with a transform, also measure a raw-vector index
+    beam_args: tuple[str, ...] = ()  # runner flags of the tf.Transform job
 
     def __post_init__(self):
         object.__setattr__(self, "metric", Metric.parse(self.metric))
@@ -112,6 +117,60 @@ def _prepare_dir(index_dir: str, overwrite: bool) -> None:
     os.makedirs(index_dir, exist_ok=True)
 
 
+class _Stopwatch:
+    """Seconds per phase of a build, for the report."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._started = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._started, 3)
+        self._started = now
+
+
+@dataclasses.dataclass
+class FittedIndex:
+    """A trained, filled and tuned index, before it is written anywhere."""
+
+    plan: IndexPlan
+    index: faiss.Index
+    search_params: dict
+    report: dict
+    eval_set: QuerySet | None
+
+
+def fit(source: EmbeddingSource, config: IndexConfig, add: AddFunction, clock: _Stopwatch) -> FittedIndex:
+    """Choose, train, add, then tune and measure on held-out queries."""
+    plan = plan_for(source, config)
+    index = train(plan, source, config)
+    clock.lap("train")
+    add(index, source, config.metric)
+    clock.lap("add")
+    report = {"index": dataclasses.asdict(plan), "count": source.count, "dimension": source.dim}
+    if source.count < 2:
+        report |= {"recall": {}, "meets_target": True, "note": "one vector: nothing to measure"}
+        return FittedIndex(plan, index, {}, report, None)
+    k = min(RECALL_K, source.count - 1)  # a tiny corpus has fewer than 10 neighbours
+    tune_set, eval_set, shared = _query_sets(source, config)
+    clock.lap("exact_search")
+    target = min(1.0, config.recall_target + TUNING_MARGIN)
+    params, tuned_recall, met = tune(
+        index, search_param_grid(plan, index), tune_set, k, target, set_search_params
+    )
+    clock.lap("tune")
+    report |= {
+        "recall": recall_report(index, eval_set, source.count),
+        "latency": latency(index, eval_set, k),
+        "queries": {"tune": len(tune_set.ids), "evaluate": len(eval_set.ids), "same_set": shared},
+        f"tuned_recall@{k}": round(tuned_recall, 4),
+    }
+    report["meets_target"] = bool(met and report["recall"][f"recall@{k}"] >= config.recall_target)
+    clock.lap("evaluate")
+    return FittedIndex(plan, index, params, report, eval_set)
+
+
 def build(
     source: EmbeddingSource,
     index_dir: str,
@@ -119,77 +178,122 @@ def build(
     add: AddFunction = add_locally,
     overwrite: bool = False,
 ) -> dict:
-    """Builds, tunes, measures and writes an index of every row in ``source``."""
+    """Builds, tunes, measures and writes an index of every row in ``source``
+    (through the tf.Transform graph first when ``config.transform`` asks for one)."""
     _prepare_dir(index_dir, overwrite)
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal started
-        now = time.perf_counter()
-        seconds[name] = round(now - started, 3)
-        started = now
-
-    plan = plan_for(source, config)
-    index = train(plan, source, config)
-    lap("train")
-    add(index, source, config.metric)
-    lap("add")
-    report = {"index": dataclasses.asdict(plan), "count": source.count, "dimension": source.dim}
-    search_params: dict = {}
-    if source.count > 1:
-        k = min(RECALL_K, source.count - 1)  # a tiny corpus has fewer than 10 neighbours
-        tune_set, eval_set, shared = _query_sets(source, config)
-        lap("exact_search")
-        search_params, tuned_recall, met = tune(
-            index,
-            search_param_grid(plan, index),
-            tune_set,
-            k,
-            min(1.0, config.recall_target + TUNING_MARGIN),
-            set_search_params,
-        )
-        lap("tune")
-        report |= {
-            "recall": recall_report(index, eval_set, source.count),
-            "latency": latency(index, eval_set, k),
-            "queries": {"tune": len(tune_set.ids), "evaluate": len(eval_set.ids), "same_set": shared},
-            f"tuned_recall@{k}": round(tuned_recall, 4),
-        }
-        lap("evaluate")
-        report["meets_target"] = bool(met and report["recall"][f"recall@{k}"] >= config.recall_target)
-    else:
-        report |= {"recall": {}, "meets_target": True, "note": "one vector: nothing to measure"}
-    report |= {
+    clock = _Stopwatch()
+    raw = source
+    transform_info = None
+    if config.transform is not None:
+        source, transform_info = attach_transform(raw, index_dir, config)
+        clock.lap("transform_analysis")
+    fitted = fit(source, config, add, clock)
+    report = fitted.report | {
         "recall_target": config.recall_target,
-        "search_params": search_params,
+        "search_params": fitted.search_params,
         "metric": config.metric.value,
     }
-
-    faiss.write_index(index, store.path(index_dir, store.INDEX_FILE))
+    faiss.write_index(fitted.index, store.path(index_dir, store.INDEX_FILE))
     store.write_ids([source], index_dir)
-    lap("write")
+    clock.lap("write")
     manifest = {
         "format_version": store.FORMAT_VERSION,
         "imgembed_version": __version__,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": source.metadata.get("model"),
         "preprocessing": source.metadata.get("preprocessing"),
+        "embedding_dimension": source.raw_dim,
         "dimension": source.dim,
         "metric": config.metric.value,
-        "transform": None,
+        "transform": transform_info,
         "count": source.count,
-        "index": {"kind": plan.kind, "factory": plan.factory},
-        "search_params": search_params,
+        "index": {"kind": fitted.plan.kind, "factory": fitted.plan.factory},
+        "search_params": fitted.search_params,
         "recall_at_build": report["recall"],
         "parts": [_part(source)],
     }
     store.write_json(index_dir, store.MANIFEST_FILE, manifest)
-    report["duplicates"] = _duplicates(index_dir, index, [source], config)
-    lap("duplicates")
-    report |= {"seconds": seconds, "index_bytes": os.path.getsize(store.path(index_dir, store.INDEX_FILE))}
+    report["duplicates"] = _duplicates(index_dir, fitted.index, [source], config)
+    clock.lap("duplicates")
+    index_bytes = os.path.getsize(store.path(index_dir, store.INDEX_FILE))
+    if transform_info is not None:
+        report["transform"] = dict(transform_info)
+        if config.compare_raw and source.count > 1:
+            report["transform"] |= compare_with_raw(raw, source, fitted, index_bytes, config)
+            clock.lap("raw_comparison")
+    report |= {"seconds": clock.seconds, "index_bytes": index_bytes}
     store.write_json(index_dir, store.REPORT_FILE, report)
     return report
+
+
+def attach_transform(
+    raw: EmbeddingSource, index_dir: str, config: IndexConfig
+) -> tuple[EmbeddingSource, dict]:
+    """Runs the tf.Transform full pass next to the embeddings, copies the graph into
+    the index folder, and returns the source seen through it."""
+    from transforms.embedding_transform import EmbeddingTransform, analyze
+
+    options = config.transform
+    next_to_embeddings = FileSystems.join(os.path.dirname(raw.files[0].path), options.folder_name)
+    analyze([f.path for f in raw.files], raw.raw_dim, options, next_to_embeddings, config.beam_args)
+    copy_tree(next_to_embeddings, store.path(index_dir, store.TRANSFORM_DIR))
+    # Built through the copy next to the embeddings: Beam workers can read it there.
+    transform = EmbeddingTransform(next_to_embeddings)
+    info = {
+        "options": options.to_metadata(),
+        "directory": store.TRANSFORM_DIR,
+        "analyzed_at": next_to_embeddings,
+        "input_dim": transform.input_dim,
+        "output_dim": transform.output_dim,
+        "explained_variance": round(transform.explained_variance(), 6),
+    }
+    return raw.with_transform(transform), info
+
+
+def compare_with_raw(
+    raw: EmbeddingSource,
+    transformed: EmbeddingSource,
+    fitted: FittedIndex,
+    index_bytes: int,
+    config: IndexConfig,
+) -> dict:
+    """recall@10 against exact search on the raw vectors, and index bytes, for the
+    transformed index ("after") and an index of the raw vectors built the same
+    way under the same budget ("before")."""
+    raw_config = dataclasses.replace(config, transform=None)
+    raw_fit = fit(raw, raw_config, add_locally, _Stopwatch())
+    k = min(RECALL_K, raw.count - 1)
+    truth = raw_fit.eval_set  # exact neighbours in the raw space
+    seen_through_transform = dataclasses.replace(
+        truth, vectors=prepare(transformed.take(truth.ids), config.metric, "queries")
+    )
+    return {
+        "before": {
+            "index": raw_fit.plan.factory,
+            "dimension": raw.raw_dim,
+            "index_bytes": int(faiss.serialize_index(raw_fit.index).nbytes),
+            f"recall@{k}": round(recall(raw_fit.index, truth, k), 4),
+        },
+        "after": {
+            "index": fitted.plan.factory,
+            "dimension": transformed.dim,
+            "index_bytes": index_bytes,
+            f"recall@{k}": round(recall(fitted.index, seen_through_transform, k), 4),
+            f"recall@{k}_in_transformed_space": fitted.report["recall"].get(f"recall@{k}"),
+        },
+        "recall_measured_against": "exact search on the raw (L2-normalised for cosine) embeddings",
+    }
+
+
+def copy_tree(source: str, destination: str) -> None:
+    """Copies a folder on any filesystem TensorFlow reads (local, gs://)."""
+    import tensorflow as tf
+
+    for folder, _, names in tf.io.gfile.walk(source):
+        target = os.path.join(destination, os.path.relpath(folder, source))
+        tf.io.gfile.makedirs(target)
+        for name in names:
+            tf.io.gfile.copy(os.path.join(folder, name), os.path.join(target, name), overwrite=True)
 
 
 def add_to_index(
@@ -202,7 +306,7 @@ def add_to_index(
     metric = loaded.metric
     config = dataclasses.replace(config, metric=metric)
     known = [file["path"] for part in manifest["parts"] for file in part["files"]]
-    new = EmbeddingSource(folders, first_id=loaded.count, skip_paths=known)
+    new = EmbeddingSource(folders, first_id=loaded.count, skip_paths=known).with_transform(loaded.transform())
     report: dict = {"added": new.count, "skipped_files_already_indexed": len(known)}
     if new.count == 0:
         report["note"] = "every embedding file given is already in the index"

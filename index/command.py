@@ -18,6 +18,7 @@ from index import store
 from index.build import IndexConfig, add_locally, add_to_index, build
 from index.reader import EmbeddingSource
 from index.vectors import IndexInputError, Metric
+from transforms.embedding_transform import TransformOptions
 
 # Without --runner, distributed builds use every local core.
 DEFAULT_RUNNER_ARGS = [
@@ -56,6 +57,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-near-duplicates", action="store_true", help="Find exact copies only (faster on huge corpora)."
     )
+    p.add_argument(
+        "--dims", type=int, default=None, help="tf.Transform stage: centre, then PCA to this many dimensions."
+    )
+    p.add_argument(
+        "--whiten", action="store_true", help="With --dims: unit variance per principal component."
+    )
+    p.add_argument(
+        "--center", action="store_true", help="tf.Transform stage without PCA: L2-normalise and centre."
+    )
+    p.add_argument(
+        "--no-transform-report", action="store_true", help="Skip building a raw-vector index for comparison."
+    )
     p.add_argument("--overwrite", action="store_true", help="Replace an existing index in --output.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the training and query samples.")
     return p
@@ -75,6 +88,20 @@ def describe(report: dict, index_dir: str) -> str:
     params = ", ".join(f"{k}={v}" for k, v in report["search_params"].items()) or "exact"
     latency = report.get("latency", {})
     duplicates = report["duplicates"]
+    transform = report.get("transform")
+    transform_lines = []
+    if transform:
+        before, after = transform.get("before"), transform.get("after")
+        transform_lines.append(
+            f"  tf.Transform: {transform['input_dim']} -> {transform['output_dim']} dims "
+            f"(explained variance {transform['explained_variance']:.3f}), graph in {index_dir}/transform"
+        )
+        if before and after:
+            key = next(key for key in before if key.startswith("recall@"))
+            transform_lines.append(
+                f"  vs raw vectors: {key} {before[key]:.3f} -> {after[key]:.3f} (against raw exact search); "
+                f"index {format_size(before['index_bytes'])} -> {format_size(after['index_bytes'])}"
+            )
     return "\n".join(
         [
             f"Index: {plan['kind']} ({plan['factory']})",
@@ -92,6 +119,7 @@ def describe(report: dict, index_dir: str) -> str:
             f"  duplicates: {duplicates['clusters']} clusters, {duplicates['rows_in_clusters']} rows "
             f"(near-duplicate threshold {duplicates['near_duplicate_threshold']}), "
             f"{duplicates['exact_duplicate_rows']} rows with an exact copy",
+            *transform_lines,
             f"  written to {index_dir}/ ({store.REPORT_FILE} has the details)",
         ]
     )
@@ -99,10 +127,19 @@ def describe(report: dict, index_dir: str) -> str:
 
 def main(argv: list[str]) -> int:
     args, beam_args = parser().parse_known_args(argv)
-    if beam_args and not args.distributed:
-        print(f"imgembed index: unknown flags {beam_args} (Beam flags need --distributed)", file=sys.stderr)
+    uses_beam = args.distributed or args.dims is not None or args.whiten or args.center
+    if beam_args and not uses_beam:
+        print(
+            f"imgembed index: unknown flags {beam_args} (Beam flags need --distributed or --dims)",
+            file=sys.stderr,
+        )
         return 2
+    if not any(arg.startswith("--runner") for arg in beam_args):
+        beam_args += DEFAULT_RUNNER_ARGS
     try:
+        transform = None
+        if args.dims is not None or args.whiten or args.center:
+            transform = TransformOptions(dims=args.dims, whiten=args.whiten)
         config = IndexConfig(
             metric=Metric.parse(args.metric),
             max_memory=parse_size(args.max_memory),
@@ -110,13 +147,14 @@ def main(argv: list[str]) -> int:
             factory=args.index_type,
             dedup_threshold=None if args.no_near_duplicates else args.dedup_threshold,
             seed=args.seed,
+            transform=transform,
+            compare_raw=not args.no_transform_report,
+            beam_args=tuple(beam_args),
         )
         add = add_locally
         if args.distributed:
             from index.beam_build import add_with_beam
 
-            if not any(arg.startswith("--runner") for arg in beam_args):
-                beam_args += DEFAULT_RUNNER_ARGS
             add = functools.partial(add_with_beam, pipeline_args=beam_args, temp_location=args.temp_location)
         if args.add:
             report = add_to_index(args.output, args.embeddings, config, add)

@@ -10,6 +10,7 @@ worker can number the rows of any file without seeing the others.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import threading
@@ -79,7 +80,8 @@ class EmbeddingSource:
     def _init_files(self, paths: Sequence[str], first_id: int, where: str) -> None:
         self.files: list[EmbeddingFile] = []
         self.metadata: dict | None = None
-        self.dim: int | None = None
+        self.raw_dim: int | None = None
+        self.transform = None
         next_id = first_id
         for path in paths:
             schema, num_rows = _footer(path)
@@ -96,12 +98,12 @@ class EmbeddingSource:
         if field is None or not pa.types.is_fixed_size_list(field.type):
             raise IndexInputError(f"{path} has no fixed-size `embedding` column; is it an imgembed file?")
         metadata = read_metadata(schema)
-        if self.dim is None:
-            self.dim, self.metadata = field.type.list_size, metadata
-        elif field.type.list_size != self.dim:
+        if self.raw_dim is None:
+            self.raw_dim, self.metadata = field.type.list_size, metadata
+        elif field.type.list_size != self.raw_dim:
             raise IndexInputError(
                 f"mixed dimensions: {path} has {field.type.list_size}-d embeddings, "
-                f"{self.files[0].path} has {self.dim}-d; index one model at a time"
+                f"{self.files[0].path} has {self.raw_dim}-d; index one model at a time"
             )
         elif _model_name(metadata) != _model_name(self.metadata):
             raise IndexInputError(
@@ -122,11 +124,23 @@ class EmbeddingSource:
                     yield next_id, batch
                     next_id += batch.num_rows
 
+    @property
+    def dim(self) -> int | None:
+        """Width of the vectors this source yields: the transform's output, if any."""
+        return self.transform.output_dim if self.transform is not None else self.raw_dim
+
+    def with_transform(self, transform) -> EmbeddingSource:
+        """The same rows, each batch passed through ``transform`` (raw [N, d] -> [N, k])."""
+        transformed = copy.copy(self)
+        transformed.transform = transform
+        return transformed
+
     def vector_batches(
         self, files: Sequence[EmbeddingFile] | None = None
     ) -> Iterator[tuple[int, np.ndarray]]:
         for first_id, batch in self.record_batches([EMBEDDING_COLUMN], files):
-            yield first_id, vectors_of(batch)
+            vectors = vectors_of(batch)
+            yield first_id, vectors if self.transform is None else self.transform(vectors)
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """The vectors with these FAISS ids (sorted or not), reading only the files that hold them."""

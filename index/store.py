@@ -28,6 +28,7 @@ IDS_FILE = "ids.parquet"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
 DUPLICATES_FILE = "duplicates.parquet"
+TRANSFORM_DIR = "transform"  # a copy of the tf.Transform graph, when the index has one
 FORMAT_VERSION = 1
 
 ID_COLUMNS = ("id", "uri", "sha256", "width", "height")
@@ -90,8 +91,21 @@ class LoadedIndex:
     def count(self) -> int:
         return int(self.index.ntotal)
 
+    def transform(self):
+        """The tf.Transform graph raw embeddings go through before this index, or None."""
+        if not self.manifest.get("transform"):
+            return None
+        from transforms.embedding_transform import EmbeddingTransform
+
+        return EmbeddingTransform(path(self.directory, self.manifest["transform"]["directory"]))
+
     def sources(self) -> list[EmbeddingSource]:
-        return [EmbeddingSource.from_files(part["files"]) for part in self.manifest["parts"]]
+        """The embeddings the index holds, seen through its transform."""
+        transform = self.transform()
+        return [
+            EmbeddingSource.from_files(part["files"]).with_transform(transform)
+            for part in self.manifest["parts"]
+        ]
 
 
 def load(index_dir: str, mmap: bool = False) -> LoadedIndex:

@@ -63,7 +63,10 @@ class Searcher:
             raise IndexInputError(f"cannot open index {index_dir}: {error}") from error
         manifest = self.loaded.manifest
         self.metric = self.loaded.metric
-        self.dimension = int(manifest["dimension"])
+        # Queries are raw embeddings, as the embed job wrote them; the index may
+        # hold them through a tf.Transform graph (centring, PCA), applied here too.
+        self.dimension = int(manifest.get("embedding_dimension", manifest["dimension"]))
+        self.transform = self.loaded.transform()
         ids = self.loaded.ids
         self._ids = ids.column("id").to_pylist()
         self._uris = ids.column("uri").to_pylist()
@@ -128,6 +131,8 @@ class Searcher:
         if validate_k:
             self.check_k(k)
         vectors = self._check_vectors(vectors)
+        if self.transform is not None:
+            vectors = self.transform(vectors)
         prepared = prepare(vectors, self.metric, "query vectors")
         # Ask for more when collapsing: copies of one image would fill the page.
         fetch = min(self.count, k * 4 if collapse else k)

@@ -10,10 +10,8 @@ import os
 import pathlib
 import random
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
@@ -25,15 +23,10 @@ from index import command as index_command
 from models.registry import EMBEDDED_MODEL_NAME
 from pipelines import embed
 from pipelines.default_corpus import default_corpus_patterns
+from tests.servers import serve
 
 BIN = os.path.dirname(sys.executable)
 CORPUS = sorted(path for pattern in default_corpus_patterns() for path in glob.glob(pattern))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,30 +43,8 @@ def built(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(built):
-    port = free_port()
-    process = subprocess.Popen(
-        [os.path.join(BIN, "imgembed"), "serve", "--index", str(built / "index"), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"server exited: {process.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("server did not answer /health within 180 s")
-        time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with serve(built / "index") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

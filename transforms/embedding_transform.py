@@ -1,0 +1,177 @@
+"""Full-pass statistics over the embeddings (tf.Transform), applied the same way to
+the corpus and to every query.
+
+    x -> L2-normalise -> subtract the corpus mean -> [project on the top --dims
+    principal components] -> [divide each component by its standard deviation]
+
+``preprocessing_fn`` is the only definition: ``analyze`` runs it with
+``tft_beam`` over the Parquet embeddings (Arrow RecordBatches, the TFXIO path) on
+any Beam runner and writes the resulting graph (``transform_fn/`` and
+``transformed_metadata/``); ``EmbeddingTransform`` loads that graph for the index
+builder, the service and ``imgembed query``.
+
+All statistics come from one pass: ``tft.mean``, ``tft.pca`` and
+``tft.covariance`` all read the normalised vectors (PCA and covariance centre
+internally), and the whitening scale of each component is ``v^T C v`` from their
+outputs. (A pass that reads the output of another, e.g. a variance of the
+projected vectors, would cost a pass each, and more than two such phases stall
+Beam 2.77's FnApiRunner.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+
+EMBEDDING = "embedding"
+# A second output, the same for every row: the share of the corpus variance the
+# kept components explain (1.0 without PCA). Read once by the report.
+EXPLAINED_VARIANCE = "explained_variance"
+# Whitening divides by the component's standard deviation; this keeps components
+# with (numerically) no variance finite.
+VARIANCE_FLOOR = 1e-10
+# Written next to transform_fn/: what was asked for, and the input width.
+OPTIONS_FILE = "imgembed_transform.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformOptions:
+    """``dims``: PCA output size (None keeps every dimension); ``whiten``: unit
+    variance per component (needs ``dims``)."""
+
+    dims: int | None = None
+    whiten: bool = False
+
+    def __post_init__(self):
+        if self.dims is not None and self.dims < 1:
+            raise ValueError(f"--dims must be positive, got {self.dims}")
+        if self.whiten and self.dims is None:
+            raise ValueError("--whiten needs --dims (whitening is per principal component)")
+
+    @property
+    def folder_name(self) -> str:
+        if self.dims is None:
+            return "transform_center"
+        return f"transform_pca{self.dims}" + ("_whiten" if self.whiten else "")
+
+    def to_metadata(self) -> dict:
+        return {"l2_normalise": True, "center": True, "pca_dims": self.dims, "whiten": self.whiten}
+
+
+def preprocessing_fn_for(options: TransformOptions, input_dim: int):
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    if options.dims is not None and options.dims > input_dim:
+        raise ValueError(f"--dims {options.dims} is more than the {input_dim} dimensions of the embeddings")
+
+    def preprocessing_fn(inputs):
+        vectors = tf.math.l2_normalize(inputs[EMBEDDING], axis=1)
+        rows = tf.shape(vectors)[:1]
+        centred = vectors - tft.mean(vectors, reduce_instance_dims=False, name="mean")
+        if options.dims is None:
+            return {EMBEDDING: centred, EXPLAINED_VARIANCE: tf.ones(rows)}
+        components = tf.cast(
+            tft.pca(vectors, output_dim=options.dims, dtype=tf.float64, name="pca"), tf.float32
+        )
+        covariance = tf.cast(tft.covariance(vectors, dtype=tf.float64, name="covariance"), tf.float32)
+        # Variance along each kept component: v^T C v.
+        variances = tf.reduce_sum(components * tf.matmul(covariance, components), axis=0)
+        explained = tf.reduce_sum(variances) / tf.maximum(tf.linalg.trace(covariance), VARIANCE_FLOOR)
+        projected = tf.matmul(centred, components)
+        if options.whiten:
+            projected = projected / tf.sqrt(tf.maximum(variances, VARIANCE_FLOOR))
+        return {EMBEDDING: projected, EXPLAINED_VARIANCE: tf.fill(rows, explained)}
+
+    return preprocessing_fn
+
+
+def _tensor_adapter_config(dim: int):
+    from tensorflow_metadata.proto.v0 import schema_pb2
+    from tfx_bsl.public import tfxio
+
+    dense = schema_pb2.TensorRepresentation.DenseTensor(
+        column_name=EMBEDDING, shape=schema_pb2.FixedShape(dim=[schema_pb2.FixedShape.Dim(size=dim)])
+    )
+    representation = schema_pb2.TensorRepresentation(dense_tensor=dense)
+    return tfxio.TensorAdapterConfig(
+        pa.schema([(EMBEDDING, pa.list_(pa.float32()))]), {EMBEDDING: representation}
+    )
+
+
+def _as_list_batches(table: pa.Table) -> list[pa.RecordBatch]:
+    """TFXIO reads variable-length lists; our column is a fixed-size list of the same floats."""
+    column = table.column(EMBEDDING).cast(pa.list_(pa.float32()))
+    return pa.Table.from_arrays([column], names=[EMBEDDING]).to_batches()
+
+
+def analyze(
+    embedding_files: list[str], dim: int, options: TransformOptions, output_dir: str, pipeline_args=()
+) -> str:
+    """Runs the full pass with tft_beam on the given Beam runner; writes the graph
+    into ``output_dir`` and returns it."""
+    import apache_beam as beam
+    import tensorflow_transform.beam as tft_beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    preprocessing_fn = preprocessing_fn_for(options, dim)
+    with (
+        beam.Pipeline(options=PipelineOptions(list(pipeline_args))) as pipeline,
+        tft_beam.Context(temp_dir=tempfile.mkdtemp(prefix="imgembed-tft-")),
+    ):
+        batches = (
+            pipeline
+            | "Files" >> beam.Create(embedding_files)
+            | "Read" >> beam.io.ReadAllFromParquetBatched(columns=[EMBEDDING])
+            | "AsLists" >> beam.FlatMap(_as_list_batches)
+        )
+        transform_fn = (batches, _tensor_adapter_config(dim)) | "Analyze" >> tft_beam.AnalyzeDataset(
+            preprocessing_fn
+        )
+        _ = transform_fn | "Write" >> tft_beam.WriteTransformFn(output_dir)
+    with open(os.path.join(output_dir, OPTIONS_FILE), "w") as file:
+        json.dump(options.to_metadata() | {"input_dim": dim}, file, indent=2)
+    return output_dir
+
+
+class EmbeddingTransform:
+    """The analyzed graph, applied to raw embeddings: float32 [N, d] -> [N, k]."""
+
+    def __init__(self, transform_dir: str):
+        import tensorflow_transform as tft
+
+        if not os.path.isdir(os.path.join(transform_dir, "transform_fn")):
+            raise ValueError(f"{transform_dir} holds no tf.Transform graph (transform_fn/)")
+        self.directory = transform_dir
+        self._output = tft.TFTransformOutput(transform_dir)
+        with open(os.path.join(transform_dir, OPTIONS_FILE)) as file:
+            self.options = json.load(file)
+
+    def __call__(self, vectors: np.ndarray) -> np.ndarray:
+        return self._transform(vectors)[EMBEDDING]
+
+    def _transform(self, vectors: np.ndarray) -> dict:
+        import tensorflow as tf
+
+        vectors = np.asarray(vectors, np.float32).reshape(len(vectors), -1)
+        if len(vectors) == 0:
+            return {EMBEDDING: np.zeros((0, self.output_dim), np.float32)}
+        outputs = self._output.transform_raw_features({EMBEDDING: tf.constant(vectors)})
+        return {name: tensor.numpy() for name, tensor in outputs.items()}
+
+    @property
+    def output_dim(self) -> int:
+        return int(self._output.transformed_feature_spec()[EMBEDDING].shape[0])
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.options["input_dim"])
+
+    def explained_variance(self) -> float:
+        """Share of the corpus variance the kept components explain (from the full pass)."""
+        return float(self._transform(np.ones((1, self.input_dim), np.float32))[EXPLAINED_VARIANCE][0])
