@@ -216,6 +216,8 @@ def main() -> int:
         "with each system's chosen search parameters. Build s is the whole command "
         "(imgembed's includes its own recall measurement); peak RSS is the build process tree's."
         " Budgets are given as each tool parses them (imgembed: decimal M/G; autofaiss: its own units)."
+        " The real embeddings are the 1300 ImageNet validation images of ../shared, embedded first with"
+        " `imgembed embed --input '../shared/images/imagenet_val_1300/*.JPEG' --output /tmp/inet`."
     )
     command = "python bench/index_benchmark.py " + " ".join(sys.argv[1:])
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
