@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -79,12 +81,16 @@ class Searcher:
         )
         self.model = None
         self.model_error = "this index was not built from images (no preprocessing recorded)"
+        self._cpu_gate = threading.BoundedSemaphore(os.cpu_count() or 1)
         if load_image_model and self.preprocessing is not None:
             self._load_model(manifest["model"])
 
     def _load_model(self, model: dict) -> None:
         try:
             self.model = load_model(ModelSpec.from_metadata(model))
+            # The first call traces and compiles; do it now, not in the first requests.
+            size = self.model.spec.image_size
+            self.model(np.zeros([1, size, size, 3], np.float32))
             self.model_error = None
         except (ModelLoadError, KeyError, ValueError) as error:
             self.model_error = f"the index's model cannot be loaded, so image search is off: {error}"
