@@ -29,7 +29,7 @@ def read_images(
     for path in paths:
         try:
             with open(path, "rb") as file:
-                image = decode_image(file.read(), DecodeLimits())
+                image = decode_image(file.read(), DecodeLimits(), preprocessing.decode_side(size))
         except (ImageError, OSError):
             continue
         pixels.append(preprocessing.apply(image, size))

@@ -93,8 +93,23 @@ def _resolve(reference: str) -> ModelSpec:
     raise ModelLoadError(f"Unknown model {reference!r}: it is not {EXPECTED}")
 
 
-def load_model(spec: ModelSpec) -> Embedder:
-    return _loader(spec.format).load(spec)
+BACKENDS = ("auto", "tensorflow", "tflite")
+
+
+def load_model(spec: ModelSpec, backend: str = "auto", threads: int | None = None) -> Embedder:
+    """Loads the model; TensorFlow models run through TFLite/XNNPACK when ``backend``
+    is ``tflite``, or ``auto`` and the TFLite version matches TensorFlow (models/fast_backend.py).
+    ``threads`` caps TFLite's threads (None: its default)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if spec.format is Format.TFLITE:
+        return _loader(Format.TFLITE).load(spec, threads)
+    embedder = _loader(spec.format).load(spec)
+    if backend == "tensorflow":
+        return embedder
+    from models.fast_backend import load_fast
+
+    return load_fast(spec, embedder, threads, strict=backend == "tflite")
 
 
 def check_available(spec: ModelSpec) -> None:

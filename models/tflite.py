@@ -183,18 +183,13 @@ class TFLiteModel:
         return np.stack(outputs)
 
 
-def _threads() -> int | None:
-    configured = os.environ.get("IMGEMBED_TFLITE_THREADS")
-    return int(configured) if configured else None
-
-
 def describe(source: str, flavour: Flavour) -> ModelSpec:
-    model = TFLiteModel(source, flavour, _threads())
+    model = TFLiteModel(source, flavour)
     width = model(np.zeros([1, model.image_size, model.image_size, 3], np.float32)).shape[1]
     stem = "+".join(os.path.splitext(os.path.basename(path))[0] for path in source.split("+"))
     name = stem + ("_classification" if flavour is Flavour.CLASSIFICATION else "")
     return ModelSpec(name, source, model.image_size, width, flavour, Format.TFLITE)
 
 
-def load(spec: ModelSpec) -> Embedder:
-    return Embedder(spec, TFLiteModel(spec.source, spec.flavour, _threads()))
+def load(spec: ModelSpec, threads: int | None = None) -> Embedder:
+    return Embedder(spec, TFLiteModel(spec.source, spec.flavour, threads))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 
@@ -27,12 +28,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from imgembed.units import parse_size
 from models import labels
 from models.errors import ModelLoadError
-from models.loading import check_available, resolve_spec
+from models.loading import BACKENDS, check_available, resolve_spec
 from models.registry import EMBEDDED_MODEL_NAME, Flavour, ModelSpec
 from pipelines import outputs
 from pipelines.dead_letters import ERRORS, METRICS_NAMESPACE
@@ -96,6 +97,14 @@ class EmbedOptions(PipelineOptions):
             "evaluation uses 0.875). Default: 1.0.",
         )
         parser.add_argument(
+            "--exact-jpeg-decode",
+            dest="exact_jpeg_decode",
+            action="store_true",
+            default=False,
+            help="Decode JPEGs at full size even when a reduced DCT scale covers the model's input "
+            "(slower; pixels differ slightly).",
+        )
+        parser.add_argument(
             "--batch-size",
             dest="batch_size",
             type=int,
@@ -124,6 +133,20 @@ class EmbedOptions(PipelineOptions):
             "(a `thumbnail` column, for the search page). Default: 0, none.",
         )
         parser.add_argument(
+            "--backend",
+            default="auto",
+            help="tensorflow, tflite (TensorFlow models converted to TFLite/XNNPACK, ~3x faster on CPU), "
+            "or auto: tflite when its outputs match TensorFlow's on a probe batch. Default: auto.",
+        )
+        parser.add_argument(
+            "--inference-threads",
+            dest="inference_threads",
+            type=int,
+            default=None,
+            help="Threads per model in each worker process. Default: cores / worker processes "
+            "on the local runner (no oversubscription), the runtime's choice elsewhere.",
+        )
+        parser.add_argument(
             "--overwrite",
             action="store_true",
             default=False,
@@ -143,6 +166,8 @@ class EmbedConfig:
     batch_size: int
     thumbnail_size: int
     top_k: int
+    backend: str
+    inference_threads: int | None
     overwrite: bool
 
     @classmethod
@@ -151,13 +176,15 @@ class EmbedConfig:
             raise ValueError("--output is required")
         if options.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
+        if options.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {options.backend!r}")
         if options.top_k < 1:
             raise ValueError(f"--top-k must be at least 1, got {options.top_k}")
         if not 0 <= options.thumbnail_size <= 1024:
             raise ValueError(f"--thumbnail-size must be between 0 and 1024, got {options.thumbnail_size}")
         # Cheap checks first, so a typo is reported before inputs are listed or a
         # model is downloaded.
-        preprocessing = Preprocessing(options.resize, options.central_fraction)
+        preprocessing = Preprocessing(options.resize, options.central_fraction, not options.exact_jpeg_decode)
         limits = DecodeLimits(
             max_file_bytes=parse_size(options.max_file_bytes),
             max_pixels=options.max_image_pixels,
@@ -179,11 +206,29 @@ class EmbedConfig:
             batch_size=options.batch_size,
             thumbnail_size=options.thumbnail_size,
             top_k=options.top_k,
+            backend=options.backend,
+            inference_threads=options.inference_threads or _default_threads(options),
             overwrite=options.overwrite,
         )
 
     def file_metadata(self, model: ModelSpec) -> dict:
-        return {"model": model.to_metadata(), "preprocessing": self.preprocessing.to_metadata()}
+        return {
+            "model": model.to_metadata(),
+            "preprocessing": self.preprocessing.to_metadata(),
+            "backend": self.backend,
+        }
+
+
+def _default_threads(options: PipelineOptions) -> int | None:
+    """On the local runner, split the cores between worker processes: each running
+    a model on every core would only make them wait for each other."""
+    direct = options.view_as(DirectOptions)
+    standard = options.view_as(StandardOptions)
+    if standard.runner not in (None, "DirectRunner", "FnApiRunner", "SwitchingDirectRunner"):
+        return None
+    cores = os.cpu_count() or 1
+    workers = cores if direct.direct_num_workers == 0 else max(1, direct.direct_num_workers)
+    return max(1, cores // workers)
 
 
 def _inference_errors(failed, model_name: str):
@@ -202,7 +247,11 @@ def _to_row(key, result, top_k: int | None = None):
 def embed_with(images, model: ModelSpec, config: EmbedConfig):
     """One model's branch: its input size -> RunInference -> Parquet; returns its error rows."""
     step = f"[{model.name}]"
-    handler = KeyedModelHandler(EmbeddingModelHandler(model, max_batch_size=config.batch_size))
+    handler = KeyedModelHandler(
+        EmbeddingModelHandler(
+            model, max_batch_size=config.batch_size, backend=config.backend, threads=config.inference_threads
+        )
+    )
     embedded, dead_letters = (
         images
         | f"Pixels{step}" >> beam.MapTuple(lambda key, by_size, size=model.image_size: (key, by_size[size]))

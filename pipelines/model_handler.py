@@ -25,12 +25,18 @@ def scale_pixels(batch: np.ndarray) -> np.ndarray:
 
 
 class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]):
-    def __init__(self, spec: ModelSpec, *, max_batch_size: int = 32):
+    """``backend`` and ``threads`` as for models.loading.load_model."""
+
+    def __init__(
+        self, spec: ModelSpec, *, max_batch_size: int = 32, backend: str = "auto", threads: int | None = None
+    ):
         super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
         self._spec = spec
+        self._backend = backend
+        self._threads = threads
 
     def load_model(self) -> Embedder:
-        return load_model(self._spec)
+        return load_model(self._spec, self._backend, self._threads)
 
     def run_inference(
         self,

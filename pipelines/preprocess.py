@@ -46,6 +46,7 @@ class DecodeAndResize(beam.DoFn):
     ):
         self._preprocessing = preprocessing
         self._image_sizes = image_sizes
+        self._decode_side = preprocessing.decode_side(max(image_sizes))
         self._limits = limits
         self._thumbnail_size = thumbnail_size
         self._decoded = Metrics.counter(METRICS_NAMESPACE, "images_decoded")
@@ -53,7 +54,7 @@ class DecodeAndResize(beam.DoFn):
     def process(self, element):
         uri, data = element
         try:
-            image = decode_image(data, self._limits)
+            image = decode_image(data, self._limits, self._decode_side)
             pixels = {size: self._preprocessing.apply(image, size) for size in self._image_sizes}
             thumbnail = make_thumbnail(image, self._thumbnail_size) if self._thumbnail_size else None
         except ImageError as error:
@@ -61,6 +62,6 @@ class DecodeAndResize(beam.DoFn):
         except Exception as error:  # a decoder bug must cost one row, not the job
             return [dead_letter(uri, STAGE_DECODE, DECODE_FAILED, f"{type(error).__name__}: {error}")]
         self._decoded.inc()
-        width, height = image.size
+        width, height = image.info["original_size"]
         key = ImageKey(image_id(uri), uri, width, height, hashlib.sha256(data).hexdigest(), thumbnail)
         return [(key, pixels)]

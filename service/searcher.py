@@ -87,7 +87,8 @@ class Searcher:
 
     def _load_model(self, model: dict) -> None:
         try:
-            self.model = load_model(ModelSpec.from_metadata(model))
+            # Each request's image runs on every core (requests take turns, see embed_image).
+            self.model = load_model(ModelSpec.from_metadata(model), threads=os.cpu_count())
             # The first call traces and compiles; do it now, not in the first requests.
             size = self.model.spec.image_size
             self.model(np.zeros([1, size, size, 3], np.float32))
@@ -158,13 +159,17 @@ class Searcher:
         limits = DecodeLimits(
             max_file_bytes=self.limits.max_upload_bytes, max_pixels=self.limits.max_image_pixels
         )
-        try:
-            image = decode_image(data, limits)
-        except ImageError as error:
-            status = 413 if error.reason in ("file_too_large", "too_many_pixels") else 400
-            raise QueryError(status, error.reason, error.message) from None
-        pixels = self.preprocessing.apply(image, self.model.spec.image_size)
-        return self.model(scale_pixels(pixels[None]))
+        size = self.model.spec.image_size
+        # One image per core at a time: more would only share the cores, so every
+        # request would finish late; queued requests wait their turn instead.
+        with self._cpu_gate:
+            try:
+                image = decode_image(data, limits, self.preprocessing.decode_side(size))
+            except ImageError as error:
+                status = 413 if error.reason in ("file_too_large", "too_many_pixels") else 400
+                raise QueryError(status, error.reason, error.message) from None
+            pixels = self.preprocessing.apply(image, size)
+            return self.model(scale_pixels(pixels[None]))
 
     def search_image(self, data: bytes, k: int, collapse: bool = False) -> list[dict]:
         self.check_k(k)

@@ -206,3 +206,26 @@ def test_limits_are_enforced_from_the_header():
 def test_limits_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         DecodeLimits(max_pixels=0)
+
+
+def test_big_jpegs_decode_at_a_reduced_scale_that_still_covers_the_input():
+    data = encode(photo_like(8, 4000, 3000), "JPEG", quality=85)
+    image = decode_image(data, LIMITS, min_side=224)
+    assert image.info["original_size"] == (4000, 3000)
+    assert 224 <= min(image.size) < 3000 / 4  # 1/8 scale: 500x375
+    full = decode_image(data, LIMITS)
+    assert full.size == full.info["original_size"] == (4000, 3000)
+
+
+def test_original_size_is_upright_after_a_quarter_turn():
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    data = encode(photo_like(9, 800, 400), "JPEG", exif=exif)
+    image = decode_image(data, LIMITS, min_side=100)
+    assert image.info["original_size"] == (400, 800)
+    assert image.size[0] < image.size[1]
+
+
+def test_non_jpeg_formats_ignore_the_reduced_scale():
+    image = decode_image(encode(photo_like(10, 900, 600), "PNG"), LIMITS, min_side=100)
+    assert image.size == image.info["original_size"] == (900, 600)

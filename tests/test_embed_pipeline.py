@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from models.embedded import graph_path
 from models.loading import load_model, resolve_spec
@@ -72,8 +73,9 @@ def test_rows_equal_the_model_on_the_same_pixels_and_bad_files_become_error_rows
     model = load_model(spec)
     for row in table.to_pylist():
         data = pathlib.Path(row["uri"]).read_bytes()
-        image = decode_image(data, DecodeLimits())
-        assert (row["width"], row["height"]) == image.size
+        # The pipeline's own decoding: JPEGs may decode at a reduced DCT scale.
+        image = decode_image(data, DecodeLimits(), Preprocessing().decode_side(spec.image_size))
+        assert (row["width"], row["height"]) == image.info["original_size"] == Image.open(row["uri"]).size
         assert row["sha256"] == hashlib.sha256(data).hexdigest()
         assert row["id"] == image_id(row["uri"])
         direct = model(scale_pixels(Preprocessing().apply(image, spec.image_size)[None]))[0]
@@ -180,7 +182,9 @@ def test_inference_failures_become_error_rows(photo_dir, tmp_path):
 
     Image.new("RGB", (50, 50), (255, 255, 255)).save(photo_dir / "white.png")
     summary = embed.run(
+        # TensorFlow itself: a TFLite conversion would drop the assertion.
         [f"--input={photo_dir}/*", f"--output={tmp_path}/out", f"--model={model_dir}", "--batch-size=1"]
+        + ["--backend=tensorflow"]
         + IN_PROCESS
     )
     (failed,) = errors(tmp_path / "out").to_pylist()
@@ -215,3 +219,21 @@ def test_cli_runs_on_the_local_multiprocess_runner(photo_dir, tiny_model_dir, tm
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "inputs 9 = embedded 6 + errors 3" in completed.stdout, completed.stdout
     assert len(embeddings(tmp_path, "tiny_mobilenet_64")) == 6
+
+
+def test_tflite_backend_rows_equal_tensorflow_rows_with_the_same_schema(photo_dir, tmp_path):
+    tables = {}
+    for backend in ("tensorflow", "tflite"):
+        output = tmp_path / backend
+        embed.run([f"--input={photo_dir}", f"--output={output}", f"--backend={backend}"] + IN_PROCESS)
+        tables[backend] = embeddings(output, EMBEDDED_MODEL_NAME).sort_by("id")
+    assert tables["tflite"].schema.remove_metadata() == tables["tensorflow"].schema.remove_metadata()
+    assert read_metadata(tables["tflite"].schema)["backend"] == "tflite"
+    tf_vectors = np.stack(tables["tensorflow"]["embedding"].to_numpy(zero_copy_only=False))
+    lite_vectors = np.stack(tables["tflite"]["embedding"].to_numpy(zero_copy_only=False))
+    cosine = (
+        np.sum(tf_vectors * lite_vectors, 1)
+        / np.linalg.norm(tf_vectors, axis=1)
+        / np.linalg.norm(lite_vectors, axis=1)
+    )
+    assert np.all(cosine >= 0.9999), cosine

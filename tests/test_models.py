@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from models.errors import ModelLoadError
@@ -127,3 +128,43 @@ def test_folder_that_is_not_a_model_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ModelLoadError, match="not a SavedModel"):
         resolve_spec(str(tmp_path))
+
+
+class NoisyModel(tf.Module):
+    """Adds fresh random noise on every call: no converted copy can match it."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+    def __call__(self, images):
+        pooled = tf.reduce_mean(images, axis=[1, 2])
+        return pooled + tf.random.uniform(tf.shape(pooled))
+
+
+def test_fast_backend_falls_back_to_tensorflow_when_outputs_differ(tmp_path, monkeypatch, caplog):
+    from models.fast_backend import uses_tflite
+
+    monkeypatch.setenv("IMGEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    tf.saved_model.save(NoisyModel(), str(tmp_path / "noisy"))
+    spec = resolve_spec(str(tmp_path / "noisy"))
+    with caplog.at_level("WARNING"):
+        embedder = load_model(spec, backend="auto")
+    assert not uses_tflite(embedder)
+    assert "differs from TensorFlow on the probe batch" in caplog.text
+    with pytest.raises(ModelLoadError, match="differs from TensorFlow"):
+        load_model(spec, backend="tflite")
+
+
+def test_fast_backend_is_converted_once_and_cached_by_content(tiny_model_dir, tmp_path, monkeypatch):
+    from models import fast_backend
+
+    monkeypatch.setenv("IMGEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    spec = resolve_spec(tiny_model_dir)
+    first = load_model(spec, backend="tflite")
+    assert fast_backend.uses_tflite(first)
+    (cached,) = (tmp_path / "cache" / "tflite").glob("*.tflite")
+    conversions = []
+    monkeypatch.setattr(fast_backend, "convert_to_float_tflite", lambda spec: conversions.append(spec))
+    load_model(spec, backend="tflite")
+    assert conversions == [] and cached.exists()
+    images = np.random.default_rng(3).random((3, 64, 64, 3), dtype=np.float32)
+    reference = load_model(spec, backend="tensorflow")(images)
+    np.testing.assert_allclose(first(images), reference, rtol=1e-4, atol=1e-5)

@@ -73,7 +73,12 @@ def check_file_size(num_bytes: int, limits: DecodeLimits) -> None:
         )
 
 
-def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
+def decode_image(data: bytes, limits: DecodeLimits, min_side: int | None = None) -> Image.Image:
+    """The upright RGB image; ``image.info["original_size"]`` is its full (width, height).
+
+    With ``min_side``, a JPEG may be decoded at a reduced scale (its DCT scaling:
+    1/2, 1/4 or 1/8) that still leaves at least ``min_side`` pixels on each side:
+    a 12-megapixel photo bound for 224x224 costs a fraction of a full decode."""
     check_file_size(len(data), limits)
     try:
         image = Image.open(io.BytesIO(data))
@@ -90,9 +95,16 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow warns on odd but readable files (e.g. bad EXIF); they decode.
             warnings.simplefilter("ignore")
+            full_size = image.size
+            if min_side and image.format == "JPEG":
+                image.draft(image.mode, (min_side, min_side))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            upright = ImageOps.exif_transpose(image)
+            if upright.size != image.size:  # rotated a quarter turn
+                full_size = full_size[::-1]
+            rgb = _to_rgb(upright)
+            rgb.info["original_size"] = full_size
+            return rgb
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as error:
         # Pillow reports a cut-off file as "truncated" or "not enough data"; the
         # rest (bad CRC, broken Huffman tables, ...) is damage inside the file.
@@ -134,7 +146,9 @@ def _decode_scientific_tiff(data: bytes, limits: DecodeLimits) -> Image.Image:
             UNSUPPORTED_FORMAT, f"TIFF with sample layout {pixels.shape} is not an image we can show"
         )
     pixels = _to_uint8(pixels[..., :3])
-    return Image.fromarray(np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels, "RGB")
+    image = Image.fromarray(np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels, "RGB")
+    image.info["original_size"] = image.size
+    return image
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 import numpy as np
 from PIL import Image
@@ -48,6 +49,8 @@ class Preprocessing:
 
     mode: ResizeMode = ResizeMode.CROP
     central_fraction: float = 1.0
+    # Let JPEGs decode at a reduced DCT scale that still covers the model's input.
+    reduced_jpeg_decoding: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "mode", ResizeMode.parse(self.mode))
@@ -61,11 +64,23 @@ class Preprocessing:
             "resample": "bilinear",
             "pad_value": PAD_VALUE,
             "input_range": "rgb/255 in [0, 1]",
+            "reduced_jpeg_decoding": self.reduced_jpeg_decoding,
         }
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> Preprocessing:
-        return cls(ResizeMode.parse(metadata["resize"]), float(metadata["central_fraction"]))
+        return cls(
+            ResizeMode.parse(metadata["resize"]),
+            float(metadata["central_fraction"]),
+            bool(metadata.get("reduced_jpeg_decoding", False)),
+        )
+
+    def decode_side(self, size: int) -> int | None:
+        """The fewest pixels a side of the decoded image needs for an input of ``size``
+        (None: decode at full size)."""
+        if not self.reduced_jpeg_decoding:
+            return None
+        return math.ceil(size / self.central_fraction)
 
     def apply(self, image: Image.Image, size: int) -> np.ndarray:
         box = self._kept_box(*image.size)
