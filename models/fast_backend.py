@@ -3,20 +3,24 @@
 A hub module, SavedModel, frozen graph or Keras file is converted to a float
 TFLite flatbuffer once, and cached by the hash of the model's content (so each
 worker converts at most once, and never again for the same model). Before it is
-used, both run on a probe batch; only if every probe embedding matches
-TensorFlow's (cosine >= PROBE_COSINE) does the TFLite model replace it. Otherwise
-the TensorFlow model is used and the reason is logged.
+first used, both run on a probe batch; only if every probe embedding matches
+TensorFlow's (cosine >= PROBE_COSINE) does the TFLite model replace it, and the
+verdict is cached beside it, so later loads need neither TensorFlow nor the
+check. Otherwise the TensorFlow model is used and the reason is logged.
 
-    embedder = load_fast(spec)   # a TFLite Embedder, or the TF one if the check failed
+    embedder = load_fast(spec, load_tensorflow)   # TFLite, or TensorFlow if the check failed
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import json
 import logging
 import os
 import pathlib
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 
@@ -42,7 +46,7 @@ def cache_dir() -> pathlib.Path:
 def _model_files(spec: ModelSpec) -> list[pathlib.Path]:
     """The files whose bytes define the model."""
     if spec.format is Format.FROZEN_GRAPH:
-        from models.frozen_graph import graph_file
+        from models.embedded import graph_file
 
         return [graph_file(spec.source)]
     if spec.format is Format.KERAS:
@@ -57,10 +61,9 @@ def _model_files(spec: ModelSpec) -> list[pathlib.Path]:
 
 
 def content_hash(spec: ModelSpec) -> str:
-    import tensorflow as tf
-
     digest = hashlib.sha256()
-    for part in (spec.format.value, spec.flavour.value, str(spec.image_size), tf.__version__):
+    converter = importlib.metadata.version("tensorflow")  # a new converter may convert differently
+    for part in (spec.format.value, spec.flavour.value, str(spec.image_size), converter):
         digest.update(part.encode() + b"\0")
     for path in _model_files(spec):
         digest.update(path.name.encode() + b"\0")
@@ -116,21 +119,25 @@ def probe_cosines(reference: Embedder, candidate: Embedder) -> np.ndarray:
 
 
 def load_fast(
-    spec: ModelSpec, tensorflow_embedder: Embedder, threads: int | None = None, strict: bool = False
+    spec: ModelSpec, load_tensorflow: Callable[[], Embedder], threads: int | None = None, strict: bool = False
 ) -> Embedder:
-    """The TFLite version of ``tensorflow_embedder`` if it matches it on the probe batch.
-
-    With ``strict``, a failed conversion or check raises instead of falling back."""
+    """The TFLite version of the model if it matches TensorFlow's on the probe batch,
+    else ``load_tensorflow()``. With ``strict``, a failed conversion or check raises."""
     if spec.format not in CONVERTIBLE:
-        return tensorflow_embedder
+        return load_tensorflow()
     try:
         path = cached_tflite_file(spec)
         fast = Embedder(spec, tflite.TFLiteModel(str(path), spec.flavour, threads))
-        cosines = probe_cosines(tensorflow_embedder, fast)
+        verdict = path.with_suffix(".verified.json")
+        if verdict.exists():
+            return fast
+        reference = load_tensorflow()
+        cosines = probe_cosines(reference, fast)
     except (ModelLoadError, ValueError, RuntimeError, OSError) as error:
-        reason = f"TFLite conversion of {spec.name} failed ({error})"
+        reason, reference = f"TFLite conversion of {spec.name} failed ({error})", None
     else:
         if cosines.min() >= PROBE_COSINE:
+            verdict.write_text(json.dumps({"probe_images": PROBE_IMAGES, "min_cosine": float(cosines.min())}))
             return fast
         reason = (
             f"TFLite {spec.name} differs from TensorFlow on the probe batch (min cosine {cosines.min():.6f})"
@@ -138,7 +145,7 @@ def load_fast(
     if strict:
         raise ModelLoadError(reason)
     _log.warning("%s; using TensorFlow", reason)
-    return tensorflow_embedder
+    return reference or load_tensorflow()
 
 
 def uses_tflite(embedder: Embedder) -> bool:

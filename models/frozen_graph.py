@@ -14,22 +14,15 @@ import pathlib
 
 import tensorflow as tf
 
+from models.embedded import graph_file
 from models.embedder import Embedder, to_slim_range
 from models.errors import ModelLoadError
-from models.registry import EMBEDDED_SOURCE, Flavour, Format, ModelSpec
+from models.registry import Flavour, Format, ModelSpec
 
 OUTPUTS = {
     Flavour.FEATURE_VECTOR: ("MobilenetV1/Logits/AvgPool_1a/AvgPool",),
     Flavour.CLASSIFICATION: ("MobilenetV1/Predictions/Reshape", "MobilenetV1/Logits/SpatialSqueeze"),
 }
-
-
-def graph_file(source: str) -> pathlib.Path:
-    if source == EMBEDDED_SOURCE:
-        from models.embedded import graph_path
-
-        return graph_path()
-    return pathlib.Path(source)
 
 
 def read_graph_def(path: pathlib.Path) -> tf.compat.v1.GraphDef:

@@ -104,12 +104,15 @@ def load_model(spec: ModelSpec, backend: str = "auto", threads: int | None = Non
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if spec.format is Format.TFLITE:
         return _loader(Format.TFLITE).load(spec, threads)
-    embedder = _loader(spec.format).load(spec)
+
+    def load_tensorflow() -> Embedder:
+        return _loader(spec.format).load(spec)
+
     if backend == "tensorflow":
-        return embedder
+        return load_tensorflow()
     from models.fast_backend import load_fast
 
-    return load_fast(spec, embedder, threads, strict=backend == "tflite")
+    return load_fast(spec, load_tensorflow, threads, strict=backend == "tflite")
 
 
 def check_available(spec: ModelSpec) -> None:
