@@ -27,7 +27,9 @@ import faiss
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.join(REPO, "bench")]
+
+from measure import run_measured  # noqa: E402
 
 from imgembed.units import format_size  # noqa: E402
 from index import store  # noqa: E402
@@ -52,25 +54,6 @@ def ensure_autofaiss() -> str:
         pins = [f"autofaiss=={AUTOFAISS_VERSION}", "faiss-cpu==1.7.4", "pyarrow<16"]
         subprocess.run([pip, "install", "-q", *pins], check=True)
     return binary
-
-
-def run_measured(command: list[str]) -> tuple[float, int, str]:
-    """Runs a command; returns wall seconds, peak RSS of the process tree in bytes, stdout."""
-    wrapper = (
-        "import resource, subprocess, sys\n"
-        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-        "sys.stderr.write(done.stderr[-4000:] if done.returncode else '')\n"
-        "print(done.stdout)\n"
-        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-        "sys.exit(done.returncode)\n"
-    )
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode:
-        raise RuntimeError(f"{command[0]} failed:\n{done.stderr}")
-    peak_kb = int(done.stdout.rsplit("MAXRSS_KB", 1)[1])
-    return seconds, peak_kb * 1024, done.stdout
 
 
 def export_npy(source: EmbeddingSource, metric: Metric, folder: str) -> None:

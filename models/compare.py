@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from imgembed.charts import bar_chart_svg
 from models.errors import ModelLoadError
 from models.evaluation import KNN, embed_all, knn_overlap, read_images, read_labels, top1
 from models.loading import load_model, resolve_spec
@@ -114,21 +115,7 @@ def markdown(results: list[VariantResult], reference: str, images: int) -> str:
 
 
 def _bars(title: str, values: list[tuple[str, float | None]], fmt: str) -> str:
-    """A horizontal bar chart as inline SVG (no plotting library needed)."""
-    known = [value for _, value in values if value is not None]
-    top = max(known) if known else 1.0
-    height = 24 * len(values) + 30
-    rows = [f'<text x="0" y="16" font-weight="bold">{html.escape(title)}</text>']
-    for i, (name, value) in enumerate(values):
-        y = 30 + 24 * i
-        width = 0 if value is None else 400 * value / (top or 1)
-        label = "n/a" if value is None else format(value, fmt)
-        rows += [
-            f'<text x="0" y="{y + 14}">{html.escape(name)}</text>',
-            f'<rect x="330" y="{y}" width="{width:.1f}" height="18" fill="#2a7"/>',
-            f'<text x="{335 + width:.1f}" y="{y + 14}">{label}</text>',
-        ]
-    return f'<svg width="820" height="{height}" font-family="sans-serif" font-size="13">{"".join(rows)}</svg>'
+    return bar_chart_svg(title, [(name, [value]) for name, value in values], [], fmt)
 
 
 def html_report(results: list[VariantResult], reference: str, images: int) -> str:

@@ -183,7 +183,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    # convert() always copies; most photos are RGB already.
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _high_depth_gray_to_rgb(image: Image.Image) -> Image.Image:

@@ -1,0 +1,335 @@
+"""Throughput benchmark: decode, model and the whole pipeline, measured on the same
+images in one run, with the ratios that matter.
+
+For each model it measures
+- decode + resize per core (one thread, the pipeline's own decoder and preprocessing);
+- model-only images/s for each backend (TensorFlow, TFLite/XNNPACK) and thread count,
+  and from the best of them the model's core-seconds per image;
+- the ceiling: cores / (model core-seconds + decode core-seconds) per image;
+- the pipeline, `imgembed embed` with its defaults (read -> decode -> embed -> Parquet),
+  in steady state: images/s between a run on a quarter of the corpus and a run on
+  all of it, which cancels the fixed start-up; plus wall time and peak RSS;
+- the straightforward RunInference pipeline (bench/baseline_pipeline.py) the same way;
+and prints pipeline / ceiling and pipeline / baseline.
+
+    .venv/bin/python bench/throughput.py                       # 1200 generated photos
+    .venv/bin/python bench/throughput.py --images ../shared/images/imagenet_val_1300
+    .venv/bin/python bench/throughput.py --memory-check        # peak RSS: 10k vs 100k images
+
+Writes docs/benchmarks/throughput.md and throughput.svg. Not a test: timings depend on
+the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "bench")]
+
+from corpus import write_corpus  # noqa: E402
+from measure import run_measured  # noqa: E402
+
+from imgembed.charts import bar_chart_svg  # noqa: E402
+from models.loading import load_model, resolve_spec  # noqa: E402
+from pipelines.model_handler import scale_pixels  # noqa: E402
+from transforms.decode import DecodeLimits, decode_image  # noqa: E402
+from transforms.resize import Preprocessing  # noqa: E402
+
+CORES = os.cpu_count() or 1
+BIN = os.path.dirname(sys.executable)
+MODEL_BATCH = 64
+
+
+def prepare_models(work: str) -> dict[str, str]:
+    """1.0_224: the embedded real weights. 0.25_224: MobileNet V1 0.25 at 224 with
+    seeded weights (same layers and FLOPs as TF Hub's mobilenet_v1_025_224, which
+    cannot be downloaded here)."""
+    from tests.tiny_models import save_tf2_module
+
+    small = os.path.join(work, "mobilenet_v1_025_224_seeded")
+    if not os.path.exists(small):
+        save_tf2_module(small, image_size=224, depth_multiplier=0.25)
+    return {"1.0_224": "mobilenet_v1_100_224_embedded", "0.25_224": small}
+
+
+def baseline_savedmodel(reference: str, work: str) -> str:
+    """A callable SavedModel of the model, the form Beam's stock TF handler loads."""
+    import tensorflow as tf
+
+    spec = resolve_spec(reference)
+    if spec.format.value == "hub":
+        return spec.source
+    from models.frozen_graph import load_module
+
+    path = os.path.join(work, f"{spec.name}_savedmodel")
+    if not os.path.exists(path):
+        inner = load_module(spec.source, spec.flavour)
+
+        class Callable(tf.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = inner
+
+            @tf.function(
+                input_signature=[tf.TensorSpec([None, spec.image_size, spec.image_size, 3], tf.float32)]
+            )
+            def __call__(self, images):
+                return self.inner.serve(images)
+
+        tf.saved_model.save(Callable(), path)
+    return path
+
+
+def decode_rate(paths: list[str], size: int) -> float:
+    """Images per second on one core: read bytes already in memory, decode, resize."""
+    preprocessing = Preprocessing()
+    datas = [pathlib.Path(path).read_bytes() for path in paths]
+    started = time.perf_counter()
+    for data in datas:
+        preprocessing.apply(decode_image(data, DecodeLimits(), preprocessing.decode_side(size)), size)
+    return len(datas) / (time.perf_counter() - started)
+
+
+def model_rates(reference: str, paths: list[str]) -> list[dict]:
+    spec = resolve_spec(reference)
+    preprocessing = Preprocessing()
+    pixels = [
+        preprocessing.apply(
+            decode_image(
+                pathlib.Path(p).read_bytes(), DecodeLimits(), preprocessing.decode_side(spec.image_size)
+            ),
+            spec.image_size,
+        )
+        for p in paths[:MODEL_BATCH]
+    ]
+    images = scale_pixels(np.stack(pixels))
+    rates = []
+    for backend in ("tensorflow", "tflite"):
+        for threads in sorted({1, CORES}):
+            if backend == "tensorflow" and threads != CORES:
+                continue  # TensorFlow's threads are fixed when it starts: it uses every core
+            model = load_model(spec, backend, threads)
+            model(images[:8])
+            started = time.perf_counter()
+            model(images)
+            rate = len(images) / (time.perf_counter() - started)
+            rates.append(
+                {
+                    "backend": backend,
+                    "threads": threads,
+                    "images_per_sec": rate,
+                    "core_seconds": threads / rate,
+                }
+            )
+    return rates
+
+
+def linked_folder(paths: list[str], folder: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    for path in paths:
+        target = os.path.join(folder, os.path.basename(path))
+        if not os.path.exists(target):
+            os.symlink(path, target)
+    return folder
+
+
+def steady_rate(command_for, small: list[str], large: list[str], work: str, name: str) -> dict:
+    """images/s between two runs of different sizes (start-up cancels out)."""
+    runs = []
+    for label, paths in (("small", small), ("large", large)):
+        folder = linked_folder(paths, os.path.join(work, f"{name}-{label}-input"))
+        seconds, peak, _ = run_measured(command_for(folder, os.path.join(work, f"{name}-{label}-output")))
+        runs.append((len(paths), seconds, peak))
+    (n_small, t_small, _), (n_large, t_large, peak) = runs
+    return {
+        "images_per_sec": (n_large - n_small) / max(t_large - t_small, 1e-9),
+        "wall_seconds": t_large,
+        "wall_images_per_sec": n_large / t_large,
+        "peak_rss": peak,
+        "images": n_large,
+    }
+
+
+def bench_model(label: str, reference: str, paths: list[str], work: str) -> dict:
+    spec = resolve_spec(reference)
+    decode = decode_rate(paths[:200], spec.image_size)
+    rates = model_rates(reference, paths)
+    best = min(rates, key=lambda r: r["core_seconds"])
+    ceiling = CORES / (best["core_seconds"] + 1 / decode)
+    small, large = paths[: len(paths) // 4], paths
+
+    def ours(folder, output):
+        return [
+            os.path.join(BIN, "imgembed"),
+            "embed",
+            "--input",
+            folder,
+            "--output",
+            output,
+            "--model",
+            reference,
+            "--overwrite",
+        ]
+
+    saved_model = baseline_savedmodel(reference, work)
+
+    def baseline(folder, output):
+        script = os.path.join(REPO, "bench", "baseline_pipeline.py")
+        return [
+            sys.executable,
+            script,
+            f"{folder}/*",
+            os.path.join(output, "embeddings"),
+            saved_model,
+            str(spec.image_size),
+        ]
+
+    pipeline = steady_rate(ours, small, large, work, f"{label}-imgembed")
+    straightforward = steady_rate(baseline, small, large, work, f"{label}-baseline")
+    result = {
+        "model": label,
+        "reference": reference,
+        "decode_per_core": decode,
+        "model_rates": rates,
+        "ceiling": ceiling,
+        "pipeline": pipeline,
+        "baseline": straightforward,
+        "pipeline_vs_ceiling": pipeline["images_per_sec"] / ceiling,
+        "pipeline_vs_baseline": pipeline["images_per_sec"] / straightforward["images_per_sec"],
+    }
+    print(json.dumps(result, default=float), flush=True)
+    return result
+
+
+def memory_check(work: str, counts=(10_000, 100_000), distinct: int = 1000) -> list[dict]:
+    """Peak RSS of the pipeline on 10k and on 100k small images (0.25_224). The
+    inputs are links to 1000 distinct photos: memory depends on how many inputs
+    flow through, not on whether their pixels differ."""
+    models = prepare_models(work)
+    photos = write_corpus(os.path.join(work, "memory-photos"), distinct, seed=5, min_side=160, max_side=320)
+    rows = []
+    for count in counts:
+        folder = os.path.join(work, f"memory-{count}")
+        os.makedirs(folder, exist_ok=True)
+        for number in range(count):
+            link = os.path.join(folder, f"{number:07d}.jpg")
+            if not os.path.exists(link):
+                os.symlink(photos[number % distinct], link)
+        output = os.path.join(work, f"memory-{count}-output")
+        seconds, peak, _ = run_measured(
+            [os.path.join(BIN, "imgembed"), "embed", "--input", folder, "--output", output]
+            + ["--model", models["0.25_224"], "--overwrite"]
+        )
+        rows.append({"images": count, "seconds": seconds, "peak_rss": peak})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(results: list[dict], corpus: str, command: str, memory: list[dict] | None) -> str:
+    lines = [
+        "# Throughput: pipeline against the hardware ceiling",
+        "",
+        f"{CORES} cores; corpus: {corpus}. Command: `{command}`",
+        "",
+        "| model | decode+resize per core | best model backend | model images/s | ceiling | "
+        "pipeline (steady) | pipeline / ceiling | baseline pipeline | pipeline / baseline | "
+        "pipeline wall (start-up included) | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        best = min(r["model_rates"], key=lambda rate: rate["core_seconds"])
+        lines.append(
+            f"| {r['model']} | {r['decode_per_core']:.0f}/s | {best['backend']}, {best['threads']} thread(s) | "
+            f"{best['images_per_sec']:.0f} | {r['ceiling']:.0f}/s | {r['pipeline']['images_per_sec']:.0f}/s | "
+            f"**{r['pipeline_vs_ceiling']:.2f}** | {r['baseline']['images_per_sec']:.1f}/s | "
+            f"**{r['pipeline_vs_baseline']:.1f}x** | {r['pipeline']['wall_images_per_sec']:.0f}/s over "
+            f"{r['pipeline']['images']} images | {r['pipeline']['peak_rss'] / 2**20:.0f} MiB |"
+        )
+    lines += [
+        "",
+        "Model alone, per backend (batch of 64 preprocessed images):",
+        "",
+        "| model | backend | threads | images/s | core-seconds per image |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        for rate in r["model_rates"]:
+            lines.append(
+                f"| {r['model']} | {rate['backend']} | {rate['threads']} | {rate['images_per_sec']:.1f} | "
+                f"{rate['core_seconds'] * 1000:.2f} ms |"
+            )
+    if memory:
+        lines += [
+            "",
+            "Peak RSS against corpus size (0.25_224, small images):",
+            "",
+            "| images | seconds | peak RSS |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {m['images']:,} | {m['seconds']:.0f} | {m['peak_rss'] / 2**20:.0f} MiB |" for m in memory
+        ]
+        lines.append(f"\n100k / 10k peak RSS: **{memory[-1]['peak_rss'] / memory[0]['peak_rss']:.2f}**")
+    lines += ["", "![throughput](throughput.svg)", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=1200, help="generated photos (default 1200)")
+    parser.add_argument(
+        "--images", default=None, help="a folder of images to use instead of generated photos"
+    )
+    parser.add_argument("--models", default="1.0_224,0.25_224")
+    parser.add_argument("--memory-check", action="store_true", help="also run 10k and 100k images (slow)")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks", "throughput.md"))
+    args = parser.parse_args()
+    work = args.work or tempfile.mkdtemp(prefix="imgembed-throughput-")
+    models = prepare_models(work)
+    if args.images:
+        paths = sorted(p for p in glob.glob(os.path.join(args.images, "*")) if os.path.isfile(p))
+        corpus = f"{len(paths)} images from {args.images}"
+    else:
+        paths = write_corpus(os.path.join(work, "corpus"), args.count)
+        corpus = f"{len(paths)} generated photo-like JPEGs, 300 to 4000 px on the long side"
+    results = [bench_model(label, models[label], paths, work) for label in args.models.split(",")]
+    memory = memory_check(work) if args.memory_check else None
+    command = "python bench/throughput.py " + " ".join(sys.argv[1:])
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as file:
+        file.write(markdown(results, corpus, command.strip(), memory))
+    chart = bar_chart_svg(
+        "images/s on this machine",
+        [
+            (r["model"], [r["baseline"]["images_per_sec"], r["pipeline"]["images_per_sec"], r["ceiling"]])
+            for r in results
+        ],
+        ["baseline pipeline", "imgembed pipeline", "ceiling"],
+        ".0f",
+    )
+    with open(os.path.join(os.path.dirname(args.output), "throughput.svg"), "w") as file:
+        file.write(chart)
+    for r in results:
+        print(
+            f"{r['model']}: pipeline / ceiling {r['pipeline_vs_ceiling']:.2f}, pipeline / baseline {r['pipeline_vs_baseline']:.1f}x"
+        )
+    print(f"wrote {args.output}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
