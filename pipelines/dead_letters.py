@@ -18,3 +18,11 @@ METRICS_NAMESPACE = "imgembed"
 def dead_letter(uri: str, stage: str, reason: str, message: str) -> beam.pvalue.TaggedOutput:
     Metrics.counter(METRICS_NAMESPACE, f"errors_{reason}").inc()
     return beam.pvalue.TaggedOutput(ERRORS, error_row(uri, stage, reason, message))
+
+
+def keyed_dead_letter(
+    shard: str, uri: str, stage: str, reason: str, message: str
+) -> beam.pvalue.TaggedOutput:
+    """A dead letter of an input of an input shard: (shard key, error row)."""
+    tagged = dead_letter(uri, stage, reason, message)
+    return beam.pvalue.TaggedOutput(ERRORS, (shard, tagged.value))

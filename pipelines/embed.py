@@ -1,12 +1,15 @@
 """``imgembed embed``: image files -> MobileNet V1 embeddings in Parquet, on Beam.
 
-    files --ReadImageFiles--> (uri, bytes) --DecodeAndResize--> (ImageKey, {size: uint8 pixels})
-          --RunInference(EmbeddingModelHandler), once per --model--> rows --> Parquet per model
-    every stage's failures ----------------------------------------------> error rows --> Parquet
+    plan_shards: inputs -> input shards (groups of files; TFRecord, tar, Parquet files)
+    shards --ReadShard--> (shard, (uri, bytes)) --DecodeAndResize--> ((shard, ImageKey), {size: pixels})
+          --RunInference(EmbeddingModelHandler), once per --model--> (shard, row)
+    every stage's failures ---------------------------------------> (shard, error row)
+    --CoGroupByKey(shard)--> WriteShard: one Parquet file per model, errors, marker
 
 Several ``--model`` flags embed with several models in one pass: each image is
 read and decoded once, resized once per input size, and each model writes its
-own folder.
+own folder. Shards already complete in --output (same inputs, same settings) are
+skipped, so a rerun after a crash finishes the rest.
 
 Runs on any Beam runner; every flag not defined here goes to Beam (``--runner``,
 ``--direct_num_workers``, Dataflow's ``--project``/``--region``/``--setup_file``...).
@@ -28,7 +31,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, TestOptions
 
 from imgembed.units import parse_size
 from models import labels
@@ -41,7 +44,8 @@ from pipelines.default_corpus import default_corpus_patterns
 from pipelines.model_handler import EmbeddingModelHandler
 from pipelines.preprocess import DecodeAndResize
 from pipelines.records import STAGE_INFERENCE, embedding_row, embedding_schema, error_row
-from pipelines.sources import InputError, ReadImageFiles, expand_patterns
+from pipelines.shards import InputError, InputFormat, InputShard, plan_shards, settings_key, shard_key
+from pipelines.sources import COUNTS, IMAGE_COLUMNS, ReadShard
 from transforms.decode import DecodeLimits
 from transforms.resize import Preprocessing, ResizeMode
 
@@ -147,10 +151,31 @@ class EmbedOptions(PipelineOptions):
             "on the local runner (no oversubscription), the runtime's choice elsewhere.",
         )
         parser.add_argument(
+            "--input-format",
+            dest="input_format",
+            default="auto",
+            help="files, tfrecord (tf.train.Example with image/encoded), webdataset (.tar), parquet "
+            "(an image-bytes column), or auto: by extension (.tfrecord, .tar, .parquet), else image files.",
+        )
+        parser.add_argument(
+            "--image-column",
+            dest="image_column",
+            default=None,
+            help=f"The image column of Parquet inputs. Default: the first of {', '.join(IMAGE_COLUMNS)}.",
+        )
+        parser.add_argument(
+            "--files-per-shard",
+            dest="files_per_shard",
+            type=int,
+            default=500,
+            help="Image files per input shard: the unit of output files and of resuming. Default: 500.",
+        )
+        parser.add_argument(
             "--overwrite",
             action="store_true",
             default=False,
-            help="Replace the outputs of an earlier run in --output.",
+            help="Start from an empty --output instead of resuming, and replace outputs made "
+            "with other settings.",
         )
 
 
@@ -158,7 +183,7 @@ class EmbedOptions(PipelineOptions):
 class EmbedConfig:
     """The validated settings of one embed run."""
 
-    patterns: tuple[str, ...]
+    shards: tuple[InputShard, ...]
     output_dir: str
     models: tuple[ModelSpec, ...]
     preprocessing: Preprocessing
@@ -168,6 +193,7 @@ class EmbedConfig:
     top_k: int
     backend: str
     inference_threads: int | None
+    image_column: str | None
     overwrite: bool
 
     @classmethod
@@ -189,7 +215,11 @@ class EmbedConfig:
             max_file_bytes=parse_size(options.max_file_bytes),
             max_pixels=options.max_image_pixels,
         )
-        patterns = tuple(expand_patterns(options.inputs or default_corpus_patterns()))
+        if options.files_per_shard < 1:
+            raise ValueError(f"--files-per-shard must be at least 1, got {options.files_per_shard}")
+        input_format = InputFormat.parse(options.input_format)
+        patterns = options.inputs or default_corpus_patterns()
+        shards = tuple(plan_shards(patterns, input_format, options.files_per_shard))
         models = tuple(resolve_spec(reference) for reference in options.models or [EMBEDDED_MODEL_NAME])
         names = [model.name for model in models]
         if len(set(names)) != len(names):
@@ -198,7 +228,7 @@ class EmbedConfig:
                 "name one of them: --model other_name=PATH"
             )
         return cls(
-            patterns=patterns,
+            shards=shards,
             output_dir=options.output.rstrip("/") or "/",
             models=models,
             preprocessing=preprocessing,
@@ -208,8 +238,21 @@ class EmbedConfig:
             top_k=options.top_k,
             backend=options.backend,
             inference_threads=options.inference_threads or _default_threads(options),
+            image_column=options.image_column,
             overwrite=options.overwrite,
         )
+
+    def settings(self) -> dict:
+        """Everything besides the inputs that decides the outputs: part of shard keys."""
+        return {
+            "models": [model.to_metadata() for model in self.models],
+            "preprocessing": self.preprocessing.to_metadata(),
+            "limits": dataclasses.asdict(self.limits),
+            "thumbnail_size": self.thumbnail_size,
+            "top_k": self.top_k,
+            "backend": self.backend,
+            "image_column": self.image_column,
+        }
 
     def file_metadata(self, model: ModelSpec) -> dict:
         return {
@@ -236,16 +279,20 @@ def _inference_errors(failed, model_name: str):
     batch, exception = failed
     message = f"{type(exception).__name__}: {exception}"
     Metrics.counter(METRICS_NAMESPACE, f"errors_{INFERENCE_FAILED}").inc(len(batch))
-    for key, _pixels in batch:
-        yield error_row(key.uri, STAGE_INFERENCE, INFERENCE_FAILED, message, model_name)
+    for (shard, key), _pixels in batch:
+        yield shard, error_row(key.uri, STAGE_INFERENCE, INFERENCE_FAILED, message, model_name)
 
 
-def _to_row(key, result, top_k: int | None = None):
-    return embedding_row(key, result.inference, labels.top_k(result.inference, top_k) if top_k else None)
+def _to_row(keys, result, top_k: int | None = None):
+    shard, key = keys
+    return shard, embedding_row(
+        key, result.inference, labels.top_k(result.inference, top_k) if top_k else None
+    )
 
 
 def embed_with(images, model: ModelSpec, config: EmbedConfig):
-    """One model's branch: its input size -> RunInference -> Parquet; returns its error rows."""
+    """One model's branch: its input size -> RunInference -> (shard, row); and its
+    (shard, error row)s."""
     step = f"[{model.name}]"
     handler = KeyedModelHandler(
         EmbeddingModelHandler(
@@ -254,44 +301,83 @@ def embed_with(images, model: ModelSpec, config: EmbedConfig):
     )
     embedded, dead_letters = (
         images
-        | f"Pixels{step}" >> beam.MapTuple(lambda key, by_size, size=model.image_size: (key, by_size[size]))
+        | f"Pixels{step}" >> beam.MapTuple(lambda keys, by_size, size=model.image_size: (keys, by_size[size]))
         | f"Embed{step}" >> RunInference(handler).with_exception_handling()
     )
     classifier = model.flavour is Flavour.CLASSIFICATION
-    schema = embedding_schema(
-        model.output_dim, config.file_metadata(model), config.thumbnail_size > 0, top_k=classifier
-    )
-    _ = (
-        embedded
-        | f"ToRows{step}" >> beam.MapTuple(_to_row, top_k=config.top_k if classifier else None)
-        | f"Write{step}"
-        >> outputs.WriteParquet(outputs.embeddings_prefix(config.output_dir, model.name), schema)
-    )
-    return dead_letters.failed_inferences | f"InferenceErrors{step}" >> beam.FlatMap(
+    rows = embedded | f"ToRows{step}" >> beam.MapTuple(_to_row, top_k=config.top_k if classifier else None)
+    errors = dead_letters.failed_inferences | f"InferenceErrors{step}" >> beam.FlatMap(
         _inference_errors, model_name=model.name
     )
+    return rows, errors
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: EmbedConfig) -> None:
-    files = pipeline | "ReadFiles" >> ReadImageFiles(list(config.patterns), config.limits)
+def schemas(config: EmbedConfig) -> dict:
+    return {
+        model.name: embedding_schema(
+            model.output_dim,
+            config.file_metadata(model),
+            config.thumbnail_size > 0,
+            top_k=model.flavour is Flavour.CLASSIFICATION,
+        )
+        for model in config.models
+    }
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: EmbedConfig, pending: dict[str, InputShard]) -> None:
+    read = (
+        pipeline
+        | "Shards" >> beam.Create(sorted(pending.items()))
+        # One shard per worker at a time: spread them before reading.
+        | "Spread" >> beam.Reshuffle()
+        | "ReadShards"
+        >> beam.ParDo(ReadShard(config.limits, config.image_column)).with_outputs(
+            ERRORS, COUNTS, main="images"
+        )
+    )
     sizes = tuple(sorted({model.image_size for model in config.models}))
-    images = files.files | "DecodeAndResize" >> beam.ParDo(
+    decoded = read.images | "DecodeAndResize" >> beam.ParDo(
         DecodeAndResize(config.preprocessing, sizes, config.limits, config.thumbnail_size)
     ).with_outputs(ERRORS, main="images")
-    inference_errors = [embed_with(images.images, model, config) for model in config.models]
-    errors = (files[ERRORS], images[ERRORS], *inference_errors) | "AllErrors" >> beam.Flatten()
-    outputs.write_errors(errors, config.output_dir)
+    branches = {model.name: embed_with(decoded.images, model, config) for model in config.models}
+    errors = (
+        read[ERRORS],
+        decoded[ERRORS],
+        *(errors for _, errors in branches.values()),
+    ) | "AllErrors" >> beam.Flatten()
+    groups = {"counts": read[COUNTS], "errors": errors} | {name: rows for name, (rows, _) in branches.items()}
+    settings = config.settings()
+    _ = (
+        groups
+        | "ByShard" >> beam.CoGroupByKey()
+        | "WriteShards"
+        >> beam.ParDo(
+            outputs.WriteShard(config.output_dir, schemas(config), settings, settings_key(settings))
+        )
+    )
 
 
-def _prepare_output(config: EmbedConfig) -> None:
-    stale = outputs.existing_outputs(config.output_dir, [model.name for model in config.models])
-    if stale and not config.overwrite:
+def _plan_outputs(config: EmbedConfig) -> tuple[dict[str, InputShard], list[str], int]:
+    """(shards still to do, every shard key of the run, how many were done before);
+    clears what a rerun must not mix with."""
+    names = [model.name for model in config.models]
+    key = settings_key(config.settings())
+    keyed = {shard_key(shard, key): shard for shard in config.shards}
+    if config.overwrite:
+        outputs.delete_everything(config.output_dir, names)
+    state = outputs.output_state(config.output_dir, names, set(keyed), key)
+    if state.foreign:
         raise ValueError(
-            f"{config.output_dir} already holds outputs of an earlier run ({stale[0]} ...); "
+            f"{config.output_dir} holds shards embedded with other settings ({state.foreign[0]} ...); "
             "pass --overwrite to replace them or choose another --output"
         )
-    if stale:
-        FileSystems.delete(stale)
+    if state.stale:
+        _log.warning(
+            "removing %d output files of shards whose inputs changed since the last run", len(state.stale)
+        )
+        FileSystems.delete(state.stale)
+    pending = {k: shard for k, shard in keyed.items() if k not in state.done}
+    return pending, sorted(keyed), len(state.done)
 
 
 def _counter(result, name: str) -> int | None:
@@ -316,27 +402,35 @@ def _model_images_per_sec(result, model_name: str) -> float | None:
     return inferences / (micros / 1e6) if micros and inferences else None
 
 
-def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> outputs.RunSummary:
+def run(
+    argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None
+) -> outputs.RunSummary | None:
     options = PipelineOptions(argv)
     config = EmbedConfig.from_options(options.view_as(EmbedOptions))
     for model in config.models:
         check_available(model)
-    _prepare_output(config)
+    pending, keys, done_before = _plan_outputs(config)
 
     started = time.monotonic()
-    pipeline = test_pipeline or beam.Pipeline(options=options)
-    build_pipeline(pipeline, config)
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = None
+    if pending:
+        pipeline = test_pipeline or beam.Pipeline(options=options)
+        build_pipeline(pipeline, config, pending)
+        result = pipeline.run()
+        result.wait_until_finish()
+        if options.view_as(TestOptions).dry_run:
+            return None  # the job was built (e.g. a Dataflow job file written), not run
 
     summary = outputs.summarize(
         config.output_dir,
         [model.name for model in config.models],
-        inputs=_counter(result, "inputs"),
-        images_decoded=_counter(result, "images_decoded"),
+        keys,
+        done_before,
         seconds=time.monotonic() - started,
+        images_decoded=_counter(result, "images_decoded") if result else 0,
         model_images_per_sec={
-            model.name: _model_images_per_sec(result, model.name) for model in config.models
+            model.name: _model_images_per_sec(result, model.name) if result else None
+            for model in config.models
         },
     )
     outputs.write_summary(config.output_dir, summary)
@@ -365,5 +459,8 @@ def main(argv: list[str]) -> int:
     except (InputError, ModelLoadError, ValueError) as error:
         print(f"imgembed embed: {error}", file=sys.stderr)
         return 2
+    if summary is None:
+        print("imgembed embed: dry run, nothing was embedded")
+        return 0
     print(summary.report())
     return 0 if summary.balanced else 1

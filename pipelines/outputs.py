@@ -1,42 +1,57 @@
-"""Where the embed job writes, how, and what it wrote.
+"""Where the embed job writes, how, and what it wrote: one set of files per input shard.
 
-Layout under ``--output DIR``::
+Layout under ``--output DIR`` (KEY names an input shard under the run's settings,
+see pipelines/shards.py)::
 
-    DIR/<model-name>/embeddings-SSSSS-of-NNNNN.parquet   one row per embedded image
-    DIR/errors-SSSSS-of-NNNNN.parquet                   one row per input that failed
-    DIR/run_summary.json                                counts and throughput of the run
+    DIR/<model-name>/embeddings-KEY.parquet   the shard's rows, one per embedded image
+    DIR/errors-KEY.parquet                    the shard's inputs that failed, with reasons
+    DIR/_shards/KEY.json                      written last: the shard is complete, and its counts
+    DIR/run_summary.json                      the sum over the run's shards
+
+Each file is written to a temporary name and renamed, and the marker comes last,
+so a crash leaves either a complete shard or one that the next run redoes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import uuid
 from collections import Counter
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.records import ERROR_SCHEMA
+from pipelines.records import ERROR_SCHEMA, STAGE_INFERENCE
 
 PARQUET_SUFFIX = ".parquet"
 SUMMARY_FILE = "run_summary.json"
+MARKERS = "_shards"
+_log = logging.getLogger(__name__)
 
 
-def embeddings_prefix(output_dir: str, model_name: str) -> str:
-    return FileSystems.join(output_dir, model_name, "embeddings")
+def embeddings_path(output_dir: str, model_name: str, key: str) -> str:
+    return FileSystems.join(output_dir, model_name, f"embeddings-{key}{PARQUET_SUFFIX}")
 
 
-def errors_prefix(output_dir: str) -> str:
-    return FileSystems.join(output_dir, "errors")
+def errors_path(output_dir: str, key: str) -> str:
+    return FileSystems.join(output_dir, f"errors-{key}{PARQUET_SUFFIX}")
+
+
+def marker_path(output_dir: str, key: str) -> str:
+    return FileSystems.join(output_dir, MARKERS, f"{key}.json")
 
 
 def embeddings_glob(output_dir: str, model_name: str) -> str:
-    return f"{embeddings_prefix(output_dir, model_name)}-*{PARQUET_SUFFIX}"
+    return FileSystems.join(output_dir, model_name, f"embeddings-*{PARQUET_SUFFIX}")
 
 
 def errors_glob(output_dir: str) -> str:
-    return f"{errors_prefix(output_dir)}-*{PARQUET_SUFFIX}"
+    return FileSystems.join(output_dir, f"errors-*{PARQUET_SUFFIX}")
 
 
 def list_files(pattern: str) -> list[str]:
@@ -44,28 +59,123 @@ def list_files(pattern: str) -> list[str]:
     return sorted(metadata.path for metadata in result.metadata_list)
 
 
-def existing_outputs(output_dir: str, model_names: list[str]) -> list[str]:
-    patterns = [errors_glob(output_dir)] + [embeddings_glob(output_dir, m) for m in model_names]
-    return [path for pattern in patterns for path in list_files(pattern)]
+def _key_of(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return name.split("-", 1)[-1].removesuffix(PARQUET_SUFFIX).removesuffix(".json")
 
 
-class WriteParquet(beam.PTransform):
-    """Row dicts -> ``<prefix>-SSSSS-of-NNNNN.parquet``; writes one empty file
-    when there are no rows, so every run leaves the files it promises."""
-
-    def __init__(self, prefix: str, schema):
-        super().__init__()
-        self._prefix = prefix
-        self._schema = schema
-
-    def expand(self, rows):
-        return rows | beam.io.WriteToParquet(
-            self._prefix, self._schema, file_name_suffix=PARQUET_SUFFIX, codec="snappy"
-        )
+def read_json(path: str) -> dict:
+    with FileSystems.open(path) as file:
+        return json.loads(file.read())
 
 
-def write_errors(errors, output_dir: str):
-    return errors | "WriteErrors" >> WriteParquet(errors_prefix(output_dir), ERROR_SCHEMA)
+def write_atomically(path: str, data: bytes) -> None:
+    """Write aside, then rename: readers see the whole file or none of it."""
+    folder = path.rsplit("/", 1)[0]
+    temporary = FileSystems.join(folder, f".tmp-{uuid.uuid4().hex}")
+    if not FileSystems.exists(folder):
+        FileSystems.mkdirs(folder)
+    with FileSystems.create(temporary) as file:
+        file.write(data)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temporary], [path])
+
+
+def table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
+    """Rows as Parquet; the embedding column is built from one array, not row by row."""
+    columns = {}
+    for field in schema:
+        values = [row[field.name] for row in rows]
+        if pa.types.is_fixed_size_list(field.type):
+            flat = np.concatenate(values).astype(np.float32) if values else np.zeros(0, np.float32)
+            columns[field.name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), field.type.list_size)
+        else:
+            columns[field.name] = pa.array(values, field.type)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns, schema=schema), sink, compression="snappy")
+    return sink.getvalue().to_pybytes()
+
+
+class AccountingError(RuntimeError):
+    """A shard's inputs are not all rows or error rows: never write such a shard."""
+
+
+class WriteShard(beam.DoFn):
+    """(key, {"counts": [n], "errors": [...], <model>: [rows]}) -> the shard's files."""
+
+    def __init__(self, output_dir: str, schemas: dict[str, pa.Schema], settings: dict, settings_key: str):
+        self._output_dir = output_dir
+        self._schemas = schemas
+        self._settings = settings
+        self._settings_key = settings_key
+
+    def process(self, element):
+        key, groups = element
+        (inputs,) = groups["counts"]
+        errors = sorted(groups["errors"], key=lambda row: (row["uri"], row["stage"], row["model"] or ""))
+        input_errors = [row for row in errors if row["stage"] != STAGE_INFERENCE]
+        marker = {
+            "key": key,
+            "settings_key": self._settings_key,
+            "models": sorted(self._schemas),
+            "inputs": inputs,
+            "input_errors": len(input_errors),
+            "errors_by_reason": dict(Counter(row["reason"] for row in errors)),
+            "rows": {},
+            "inference_errors": {},
+        }
+        for model, schema in self._schemas.items():
+            rows = sorted(groups[model], key=lambda row: row["uri"])
+            failed = sum(1 for row in errors if row["stage"] == STAGE_INFERENCE and row["model"] == model)
+            ids = [row["id"] for row in rows]
+            if len(rows) + len(input_errors) + failed != inputs or len(set(ids)) != len(ids):
+                raise AccountingError(
+                    f"shard {key}, model {model}: {inputs} inputs but {len(rows)} rows + "
+                    f"{len(input_errors) + failed} errors ({len(ids) - len(set(ids))} duplicate ids)"
+                )
+            write_atomically(embeddings_path(self._output_dir, model, key), table_bytes(rows, schema))
+            marker["rows"][model] = len(rows)
+            marker["inference_errors"][model] = failed
+        write_atomically(errors_path(self._output_dir, key), table_bytes(errors, ERROR_SCHEMA))
+        write_atomically(marker_path(self._output_dir, key), json.dumps(marker, sort_keys=True).encode())
+        yield key
+
+
+@dataclasses.dataclass
+class OutputState:
+    """What an output folder already holds, against the shards a run plans."""
+
+    done: set[str]  # planned shards already complete
+    stale: list[str]  # files of shards this run does not plan (inputs changed since)
+    foreign: list[str]  # complete shards made with other settings (model, preprocessing...)
+
+
+def output_state(
+    output_dir: str, model_names: list[str], planned: set[str], settings_key: str
+) -> OutputState:
+    markers = {_key_of(path): path for path in list_files(FileSystems.join(output_dir, MARKERS, "*.json"))}
+    foreign_keys = {key for key, path in markers.items() if read_json(path)["settings_key"] != settings_key}
+    stale = [path for key, path in markers.items() if key not in planned and key not in foreign_keys]
+    # Data files of unplanned shards go too: with a marker of these settings, their
+    # inputs are planned in other shards now; without one, a crashed run left them.
+    patterns = [errors_glob(output_dir)] + [embeddings_glob(output_dir, name) for name in model_names]
+    stale += [
+        path
+        for pattern in patterns
+        for path in list_files(pattern)
+        if _key_of(path) not in planned and _key_of(path) not in foreign_keys
+    ]
+    done = {key for key in markers if key in planned and key not in foreign_keys}
+    return OutputState(done, stale, [markers[key] for key in sorted(foreign_keys)])
+
+
+def delete_everything(output_dir: str, model_names: list[str]) -> None:
+    patterns = [FileSystems.join(output_dir, MARKERS, "*.json"), errors_glob(output_dir)]
+    patterns += [embeddings_glob(output_dir, name) for name in model_names]
+    paths = [path for pattern in patterns for path in list_files(pattern)]
+    if paths:
+        FileSystems.delete(paths)
 
 
 @dataclasses.dataclass
@@ -79,14 +189,16 @@ class ModelSummary:
 
 @dataclasses.dataclass
 class RunSummary:
-    """What one embed run produced; ``balanced`` proves nothing was lost: for every
-    model, inputs = its rows + the shared read/decode errors + its inference errors."""
+    """What the output holds for a run's shards; ``balanced`` proves nothing was lost:
+    in every shard, for every model, inputs = rows + read/decode errors + inference errors."""
 
-    inputs: int | None
-    images_decoded: int | None  # once per image, whatever the number of models
+    inputs: int
+    images_decoded: int | None
     input_errors: int
     errors_by_reason: dict[str, int]
     models: list[ModelSummary]
+    shards: int
+    shards_done_before: int
     seconds: float
     errors: str
 
@@ -96,7 +208,7 @@ class RunSummary:
 
     @property
     def balanced(self) -> bool:
-        return self.inputs is None or all(
+        return all(
             self.inputs == model.rows + self.input_errors + model.inference_errors for model in self.models
         )
 
@@ -108,16 +220,18 @@ class RunSummary:
 
     def report(self) -> str:
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.errors_by_reason.items()))
-        inputs = "?" if self.inputs is None else str(self.inputs)
-        lines = [f"Read {inputs} inputs in {self.seconds:.1f} s; {self.input_errors} could not be decoded"]
+        resumed = f" ({self.shards_done_before} were complete already)" if self.shards_done_before else ""
+        lines = [
+            f"Read {self.inputs} inputs in {self.shards} shards{resumed} in {self.seconds:.1f} s; "
+            f"{self.input_errors} could not be decoded"
+        ]
         for model in self.models:
             speed = f"{model.rows / max(self.seconds, 1e-9):.1f} images/s end to end"
             if model.images_per_sec_in_model:
                 speed += f", {model.images_per_sec_in_model:.1f} images/s in the model"
             lines += [
                 f"Embedded {model.rows} images with {model.model} ({speed})",
-                f"  inputs {inputs} = embedded {model.rows} + errors "
-                f"{self.input_errors + model.inference_errors}",
+                f"  inputs {self.inputs} = embedded {model.rows} + errors {self.input_errors + model.inference_errors}",
                 f"  embeddings: {model.embeddings}",
             ]
         lines.append(
@@ -131,48 +245,41 @@ class RunSummary:
 def summarize(
     output_dir: str,
     model_names: list[str],
-    inputs: int | None,
-    images_decoded: int | None,
+    keys: list[str],
+    done_before: int,
     seconds: float,
+    images_decoded: int | None,
     model_images_per_sec: dict[str, float | None],
 ) -> RunSummary:
-    """Counts what the run wrote, from the files themselves."""
-    errors = read_errors(errors_glob(output_dir))
-    input_errors = sum(1 for row in errors if row["stage"] != "inference")
+    """Adds up the markers of the run's shards (the files they name are complete)."""
+    markers = [read_json(marker_path(output_dir, key)) for key in keys]
     models = [
         ModelSummary(
             model=name,
-            rows=count_rows(embeddings_glob(output_dir, name)),
-            inference_errors=sum(1 for row in errors if row["stage"] == "inference" and row["model"] == name),
+            rows=sum(marker["rows"][name] for marker in markers),
+            inference_errors=sum(marker["inference_errors"][name] for marker in markers),
             images_per_sec_in_model=model_images_per_sec.get(name),
             embeddings=embeddings_glob(output_dir, name),
         )
         for name in model_names
     ]
-    reasons = dict(Counter(row["reason"] for row in errors))
-    return RunSummary(inputs, images_decoded, input_errors, reasons, models, seconds, errors_glob(output_dir))
-
-
-def count_rows(pattern: str) -> int:
-    """Rows in every Parquet file matching the pattern, from the footers alone."""
-    total = 0
-    for path in list_files(pattern):
-        with FileSystems.open(path) as file:
-            total += pq.ParquetFile(file).metadata.num_rows
-    return total
-
-
-def read_errors(pattern: str) -> list[dict]:
-    """Stage, reason and model of every error row (errors are few; their messages are not read)."""
-    rows: list[dict] = []
-    for path in list_files(pattern):
-        with FileSystems.open(path) as file:
-            rows += pq.read_table(file, columns=["stage", "reason", "model"]).to_pylist()
-    return rows
+    reasons: Counter[str] = Counter()
+    for marker in markers:
+        reasons.update(marker["errors_by_reason"])
+    return RunSummary(
+        inputs=sum(marker["inputs"] for marker in markers),
+        images_decoded=images_decoded,
+        input_errors=sum(marker["input_errors"] for marker in markers),
+        errors_by_reason=dict(reasons),
+        models=models,
+        shards=len(keys),
+        shards_done_before=done_before,
+        seconds=seconds,
+        errors=errors_glob(output_dir),
+    )
 
 
 def write_summary(output_dir: str, summary: RunSummary) -> str:
     path = FileSystems.join(output_dir, SUMMARY_FILE)
-    with FileSystems.create(path) as file:
-        file.write(summary.to_json().encode())
+    write_atomically(path, summary.to_json().encode())
     return path

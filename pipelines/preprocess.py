@@ -1,4 +1,5 @@
-"""Beam DoFn: (uri, bytes) -> (ImageKey, {S: uint8 [S, S, 3]}), or an error row.
+"""Beam DoFn: (shard key, (uri, bytes)) -> ((shard key, ImageKey), {S: uint8 [S, S, 3]}),
+or (shard key, error row).
 
 Each image is decoded once and resized once per input size S the run's models
 need. Pixels stay uint8 until the model handler: a quarter of the bytes of
@@ -14,7 +15,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from PIL import Image
 
-from pipelines.dead_letters import METRICS_NAMESPACE, dead_letter
+from pipelines.dead_letters import METRICS_NAMESPACE, keyed_dead_letter
 from pipelines.records import STAGE_DECODE, ImageKey, image_id
 from transforms.decode import DecodeLimits, ImageError, decode_image
 from transforms.resize import Preprocessing
@@ -52,16 +53,17 @@ class DecodeAndResize(beam.DoFn):
         self._decoded = Metrics.counter(METRICS_NAMESPACE, "images_decoded")
 
     def process(self, element):
-        uri, data = element
+        shard, (uri, data) = element
         try:
             image = decode_image(data, self._limits, self._decode_side)
             pixels = {size: self._preprocessing.apply(image, size) for size in self._image_sizes}
             thumbnail = make_thumbnail(image, self._thumbnail_size) if self._thumbnail_size else None
         except ImageError as error:
-            return [dead_letter(uri, STAGE_DECODE, error.reason, error.message)]
+            return [keyed_dead_letter(shard, uri, STAGE_DECODE, error.reason, error.message)]
         except Exception as error:  # a decoder bug must cost one row, not the job
-            return [dead_letter(uri, STAGE_DECODE, DECODE_FAILED, f"{type(error).__name__}: {error}")]
+            message = f"{type(error).__name__}: {error}"
+            return [keyed_dead_letter(shard, uri, STAGE_DECODE, DECODE_FAILED, message)]
         self._decoded.inc()
         width, height = image.info["original_size"]
         key = ImageKey(image_id(uri), uri, width, height, hashlib.sha256(data).hexdigest(), thumbnail)
-        return [(key, pixels)]
+        return [((shard, key), pixels)]

@@ -1,97 +1,150 @@
-"""File patterns -> (uri, bytes) through Beam's FileSystems (local, gs://, s3://, ...).
+"""Input shards -> (shard key, (uri, bytes)) through Beam's FileSystems (local, gs://, s3://...).
 
-A pattern is a glob (``photos/*.jpg``, ``gs://bucket/shard-*/**``) or a folder,
-which means every file below it. Files over the byte limit, empty files and
-unreadable files become error rows without their bytes being read.
+Every input of a shard leaves as image bytes or as an error row, and each shard
+also reports how many inputs it held, so that the writer can prove nothing was
+lost. Inputs over the byte limit, empty inputs and unreadable ones become error
+rows without their bytes being read. Container records get a URI with a
+fragment: ``shard.tfrecord#17``, ``shard.tar#000017.jpg``, ``shard.parquet#17``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import tarfile
 
 import apache_beam as beam
-from apache_beam.io import fileio
+import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipelines.dead_letters import ERRORS, METRICS_NAMESPACE, dead_letter
+from pipelines.dead_letters import METRICS_NAMESPACE, keyed_dead_letter
 from pipelines.records import STAGE_READ
+from pipelines.shards import InputShard
 from transforms.decode import DecodeLimits, ImageError, check_file_size
 
+COUNTS = "counts"
 READ_FAILED = "read_failed"
+NO_IMAGE = "no_image_in_record"
+CORRUPT_CONTAINER = "corrupt_container"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# Binary columns img2dataset and others store images in, in order of preference.
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "image_bytes", "bytes")
+TFRECORD_IMAGE = "image/encoded"
 _log = logging.getLogger(__name__)
 
 
-class InputError(ValueError):
-    """The input patterns cannot be read at all (nothing matches, bad path)."""
+def _open(path: str):
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
-def expand_patterns(patterns: list[str]) -> list[str]:
-    """Turns folders into recursive globs and refuses patterns that match nothing."""
-    expanded = []
-    for pattern in patterns:
-        if not any(char in pattern for char in "*?[") and _is_folder(pattern):
-            pattern = FileSystems.join(pattern.rstrip("/"), "**")
+def _image_files(shard: InputShard, limits: DecodeLimits):
+    """(uri, bytes or ImageError) for each file of a files shard."""
+    for path, size in zip(shard.paths, shard.sizes, strict=True):
         try:
-            (result,) = FileSystems.match([pattern], limits=[1])
-        except Exception as error:  # each filesystem raises its own kind of error
-            raise InputError(f"cannot list {pattern}: {error}") from error
-        if not result.metadata_list:
-            raise InputError(f"no files match {pattern}")
-        expanded.append(pattern)
-    return expanded
+            check_file_size(size, limits)
+            with _open(path) as file:
+                yield path, file.read()
+        except ImageError as error:
+            yield path, error
+        except Exception as error:  # every filesystem raises its own kind of error
+            _log.warning("cannot read %s: %s", path, error)
+            yield path, ImageError(READ_FAILED, f"{type(error).__name__}: {error}")
 
 
-def _is_folder(path: str) -> bool:
-    # Object stores have no folders, only prefixes: a trailing slash marks one.
-    is_local = FileSystems.get_scheme(path) is None
-    return path.endswith("/") or (is_local and os.path.isdir(path))
+def _tfrecord_images(path: str):
+    """tf.train.Example records with an ``image/encoded`` bytes feature."""
+    from apache_beam.io.tfrecordio import _TFRecordUtil
+    from tensorflow.core.example import example_pb2
+
+    with _open(path) as file:
+        index = 0
+        while True:
+            try:
+                record = _TFRecordUtil.read_record(file)
+            except Exception as error:  # a bad length or CRC: the rest of the file is lost
+                yield (
+                    f"{path}#{index}",
+                    ImageError(CORRUPT_CONTAINER, f"TFRecord unreadable from record {index}: {error}"),
+                )
+                return
+            if record is None:
+                return
+            example = example_pb2.Example.FromString(record)
+            values = example.features.feature[TFRECORD_IMAGE].bytes_list.value
+            yield (
+                f"{path}#{index}",
+                values[0] if values else ImageError(NO_IMAGE, f"no {TFRECORD_IMAGE} feature"),
+            )
+            index += 1
 
 
-class _ReadFile(beam.DoFn):
-    def __init__(self, limits: DecodeLimits):
+def _webdataset_images(path: str):
+    """Image members of a WebDataset tar (``<key>.jpg`` beside ``<key>.json``...)."""
+    with _open(path) as file:
+        try:
+            with tarfile.open(fileobj=file, mode="r|*") as archive:
+                for member in archive:
+                    extension = member.name.rsplit(".", 1)[-1].lower()
+                    if member.isfile() and extension in IMAGE_EXTENSIONS:
+                        yield f"{path}#{member.name}", archive.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError) as error:
+            yield f"{path}#<rest>", ImageError(CORRUPT_CONTAINER, f"tar archive unreadable: {error}")
+
+
+def _parquet_images(path: str, column: str | None):
+    with _open(path) as file:
+        parquet = pq.ParquetFile(file)
+        names = parquet.schema_arrow.names
+        chosen = column or next((name for name in IMAGE_COLUMNS if name in names), None)
+        if chosen is None or chosen not in names:
+            raise ValueError(
+                f"{path} has no image column (looked for {column or IMAGE_COLUMNS}, found {names})"
+            )
+        row = 0
+        for batch in parquet.iter_batches(columns=[chosen], batch_size=256):
+            for value in batch.column(0).to_pylist():
+                yield f"{path}#{row}", value if value else ImageError(NO_IMAGE, f"empty {chosen} value")
+                row += 1
+
+
+class ReadShard(beam.DoFn):
+    """(key, InputShard) -> (key, (uri, bytes)); errors -> (key, error row);
+    counts -> (key, number of inputs)."""
+
+    def __init__(self, limits: DecodeLimits, image_column: str | None = None):
         self._limits = limits
+        self._image_column = image_column
         self._inputs = Metrics.counter(METRICS_NAMESPACE, "inputs")
 
-    def process(self, metadata):
-        uri = metadata.path
-        # ``**`` matches folders too on local disks; they are not inputs.
-        if FileSystems.get_scheme(uri) is None and os.path.isdir(uri):
-            return []
-        self._inputs.inc()
+    def _records(self, shard: InputShard):
+        if shard.kind == "files":
+            return _image_files(shard, self._limits)
+        (path,) = shard.paths
+        if shard.kind == "tfrecord":
+            return _tfrecord_images(path)
+        if shard.kind == "webdataset":
+            return _webdataset_images(path)
+        return _parquet_images(path, self._image_column)
+
+    def process(self, element):
+        key, shard = element
+        count = 0
         try:
-            check_file_size(metadata.size_in_bytes, self._limits)
-            with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as file:
-                return [(uri, file.read())]
-        except ImageError as error:
-            return [dead_letter(uri, STAGE_READ, error.reason, error.message)]
-        except Exception as error:  # every filesystem raises its own kind of error
-            _log.warning("cannot read %s: %s", uri, error)
-            return [dead_letter(uri, STAGE_READ, READ_FAILED, f"{type(error).__name__}: {error}")]
-
-
-class ReadImageFiles(beam.PTransform):
-    """Reads every file matching the patterns.
-
-    Outputs a main PCollection of ``(uri, bytes)`` and an ``errors`` one of error rows.
-    """
-
-    def __init__(self, patterns: list[str], limits: DecodeLimits):
-        super().__init__()
-        self._patterns = patterns
-        self._limits = limits
-
-    def expand(self, pbegin):
-        return (
-            pbegin
-            | "Patterns" >> beam.Create(self._patterns)
-            | "Match" >> fileio.MatchAll()
-            # Overlapping patterns must not read a file twice. Grouping by path
-            # also spreads the file list, matched on one worker, over all workers.
-            | "ByPath" >> beam.Map(lambda metadata: (metadata.path, metadata))
-            | "Dedupe" >> beam.CombinePerKey(lambda copies: next(iter(copies)))
-            | "Files" >> beam.Values()
-            | "Read" >> beam.ParDo(_ReadFile(self._limits)).with_outputs(ERRORS, main="files")
-        )
+            for uri, data in self._records(shard):
+                count += 1
+                if isinstance(data, bytes) and shard.kind != "files":
+                    try:
+                        check_file_size(len(data), self._limits)
+                    except ImageError as error:
+                        data = error
+                if isinstance(data, ImageError):
+                    yield keyed_dead_letter(key, uri, STAGE_READ, data.reason, data.message)
+                else:
+                    yield key, (uri, data)
+        except Exception as error:  # a container that cannot be opened at all
+            count += 1
+            message = f"{type(error).__name__}: {error}"
+            yield keyed_dead_letter(key, shard.paths[0], STAGE_READ, READ_FAILED, message)
+        self._inputs.inc(count)
+        yield beam.pvalue.TaggedOutput(COUNTS, (key, count))

@@ -137,16 +137,43 @@ def test_default_corpus_gives_one_1024_d_row_per_image(tmp_path):
     assert len(errors(tmp_path)) == 0  # the errors file exists even when empty
 
 
-def test_rerun_refuses_to_mix_outputs_and_overwrite_replaces_them(photo_dir, tiny_model_dir, tmp_path):
-    args = [f"--input={photo_dir}", f"--output={tmp_path}", f"--model={tiny_model_dir}"] + IN_PROCESS
-    embed.run(args + ["--batch-size=2"])
+def test_rerun_resumes_and_other_settings_need_overwrite(photo_dir, tiny_model_dir, tmp_path):
+    args = [
+        f"--input={photo_dir}",
+        f"--output={tmp_path}",
+        f"--model={tiny_model_dir}",
+        "--files-per-shard=2",
+    ]
+    first = embed.run(args + IN_PROCESS)
+    assert (first.shards, first.shards_done_before, first.models[0].rows) == (3, 0, 6)
+    written = {path: os.path.getmtime(path) for path in glob.glob(f"{tmp_path}/**/*.parquet", recursive=True)}
+
+    # --batch-size changes no output: every shard is found complete and left alone.
+    again = embed.run(args + ["--batch-size=5"] + IN_PROCESS)
+    assert (again.shards_done_before, again.models[0].rows, again.inputs) == (3, 6, 6)
+    assert {path: os.path.getmtime(path) for path in written} == written
+
     with pytest.raises(ValueError, match="--overwrite"):
-        embed.run(args)
-    first = embeddings(tmp_path, "tiny_mobilenet_64")
-    embed.run(args + ["--overwrite", "--batch-size=5"])
-    second = embeddings(tmp_path, "tiny_mobilenet_64")
-    assert sorted(second["id"].to_pylist()) == sorted(first["id"].to_pylist())
-    assert len(set(second["id"].to_pylist())) == 6
+        embed.run(args + ["--resize=pad"] + IN_PROCESS)
+    replaced = embed.run(args + ["--resize=pad", "--overwrite"] + IN_PROCESS)
+    table = embeddings(tmp_path, "tiny_mobilenet_64")
+    assert replaced.models[0].rows == len(table) == len(set(table["id"].to_pylist())) == 6
+    assert read_metadata(table.schema)["preprocessing"]["resize"] == "pad"
+
+
+def test_changed_inputs_replace_their_shards_without_duplicates(photo_dir, tiny_model_dir, tmp_path):
+    args = [
+        f"--input={photo_dir}",
+        f"--output={tmp_path}",
+        f"--model={tiny_model_dir}",
+        "--files-per-shard=4",
+    ]
+    embed.run(args + IN_PROCESS)
+    photo_like(42, 120, 90).save(photo_dir / "photo_9_added.jpg")
+    summary = embed.run(args + IN_PROCESS)
+    ids = embeddings(tmp_path, "tiny_mobilenet_64")["id"].to_pylist()
+    assert summary.inputs == summary.models[0].rows == len(ids) == len(set(ids)) == 7
+    assert summary.shards_done_before == 1  # the first four files kept their shard
 
 
 def test_folders_are_read_recursively_and_overlapping_patterns_read_once(photo_dir, tiny_model_dir, tmp_path):
