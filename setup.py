@@ -45,7 +45,7 @@ setup(
         "scikit-learn>=1.3",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "httpx>=0.27", "playwright>=1.45"],
+        "test": ["pytest>=8", "ruff>=0.6", "httpx>=0.27", "playwright>=1.45", "build>=1.0"],
     },
     entry_points={"console_scripts": ["imgembed=imgembed.cli:main"]},
 )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -31,7 +32,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, TestOptions
+from apache_beam.options.pipeline_options import (
+    DebugOptions,
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+    TestOptions,
+)
 
 from imgembed.units import parse_size
 from models import labels
@@ -171,6 +178,14 @@ class EmbedOptions(PipelineOptions):
             help="Image files per input shard: the unit of output files and of resuming. Default: 500.",
         )
         parser.add_argument(
+            "--shards-per-wave",
+            dest="shards_per_wave",
+            type=int,
+            default=None,
+            help="Input shards per Beam job: each finished wave survives a crash. Default: 4 per "
+            "worker process on the local runner; all shards in one job on others (0 also means all).",
+        )
+        parser.add_argument(
             "--overwrite",
             action="store_true",
             default=False,
@@ -194,6 +209,7 @@ class EmbedConfig:
     backend: str
     inference_threads: int | None
     image_column: str | None
+    shards_per_wave: int
     overwrite: bool
 
     @classmethod
@@ -239,6 +255,7 @@ class EmbedConfig:
             backend=options.backend,
             inference_threads=options.inference_threads or _default_threads(options),
             image_column=options.image_column,
+            shards_per_wave=_shards_per_wave(options),
             overwrite=options.overwrite,
         )
 
@@ -262,16 +279,31 @@ class EmbedConfig:
         }
 
 
-def _default_threads(options: PipelineOptions) -> int | None:
-    """On the local runner, split the cores between worker processes: each running
-    a model on every core would only make them wait for each other."""
-    direct = options.view_as(DirectOptions)
+def _local_workers(options: PipelineOptions) -> int | None:
+    """Worker processes of the local runner; None for any other runner."""
     standard = options.view_as(StandardOptions)
     if standard.runner not in (None, "DirectRunner", "FnApiRunner", "SwitchingDirectRunner"):
         return None
-    cores = os.cpu_count() or 1
-    workers = cores if direct.direct_num_workers == 0 else max(1, direct.direct_num_workers)
-    return max(1, cores // workers)
+    direct = options.view_as(DirectOptions)
+    return (os.cpu_count() or 1) if direct.direct_num_workers == 0 else max(1, direct.direct_num_workers)
+
+
+def _shards_per_wave(options: PipelineOptions) -> int:
+    configured = options.view_as(EmbedOptions).shards_per_wave
+    if configured is not None:
+        if configured < 0:
+            raise ValueError(f"--shards-per-wave must be 0 or more, got {configured}")
+        return configured
+    workers = _local_workers(options)
+    # A local job starts in seconds; a cloud job in minutes: only locally is a wave cheap.
+    return 4 * workers if workers else 0
+
+
+def _default_threads(options: PipelineOptions) -> int | None:
+    """On the local runner, split the cores between worker processes: each running
+    a model on every core would only make them wait for each other."""
+    workers = _local_workers(options)
+    return max(1, (os.cpu_count() or 1) // workers) if workers else None
 
 
 def _inference_errors(failed, model_name: str):
@@ -363,6 +395,7 @@ def _plan_outputs(config: EmbedConfig) -> tuple[dict[str, InputShard], list[str]
     names = [model.name for model in config.models]
     key = settings_key(config.settings())
     keyed = {shard_key(shard, key): shard for shard in config.shards}
+    outputs.delete_leftover_temporaries(config.output_dir, names)
     if config.overwrite:
         outputs.delete_everything(config.output_dir, names)
     state = outputs.output_state(config.output_dir, names, set(keyed), key)
@@ -402,6 +435,25 @@ def _model_images_per_sec(result, model_name: str) -> float | None:
     return inferences / (micros / 1e6) if micros and inferences else None
 
 
+def _write_job_file(result, options: PipelineOptions) -> None:
+    """A dry run builds the Dataflow job without submitting it; keep its spec, and the
+    pipeline graph Dataflow would run, when --dataflow_job_file asks for them."""
+    from google.protobuf import json_format
+
+    job_file = options.view_as(DebugOptions).dataflow_job_file
+    job = getattr(result, "job", None)
+    if job_file and job is not None:
+        spec = {"job": json.loads(job.json()), "pipeline": json_format.MessageToDict(job.proto_pipeline)}
+        with FileSystems.create(job_file) as file:
+            file.write(json.dumps(spec, indent=1).encode())
+
+
+def _waves(pending: dict[str, InputShard], size: int) -> list[dict[str, InputShard]]:
+    keys = sorted(pending)
+    size = size or len(keys)
+    return [{key: pending[key] for key in keys[start : start + size]} for start in range(0, len(keys), size)]
+
+
 def run(
     argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None
 ) -> outputs.RunSummary | None:
@@ -412,14 +464,20 @@ def run(
     pending, keys, done_before = _plan_outputs(config)
 
     started = time.monotonic()
-    result = None
-    if pending:
+    decoded, model_seconds = 0, {model.name: [] for model in config.models}
+    # Shards are written after a shuffle that, in batch, waits for all of a job's
+    # inputs: one job per wave of shards is what lets a crash keep finished waves.
+    for wave in _waves(pending, config.shards_per_wave):
         pipeline = test_pipeline or beam.Pipeline(options=options)
-        build_pipeline(pipeline, config, pending)
+        build_pipeline(pipeline, config, wave)
         result = pipeline.run()
         result.wait_until_finish()
         if options.view_as(TestOptions).dry_run:
-            return None  # the job was built (e.g. a Dataflow job file written), not run
+            _write_job_file(result, options)
+            return None  # the job was built, not run
+        decoded += _counter(result, "images_decoded") or 0
+        for model in config.models:
+            model_seconds[model.name].append(_model_images_per_sec(result, model.name))
 
     summary = outputs.summarize(
         config.output_dir,
@@ -427,14 +485,16 @@ def run(
         keys,
         done_before,
         seconds=time.monotonic() - started,
-        images_decoded=_counter(result, "images_decoded") if result else 0,
-        model_images_per_sec={
-            model.name: _model_images_per_sec(result, model.name) if result else None
-            for model in config.models
-        },
+        images_decoded=decoded,
+        model_images_per_sec={name: _mean(rates) for name, rates in model_seconds.items()},
     )
     outputs.write_summary(config.output_dir, summary)
     return summary
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [value for value in values if value]
+    return sum(known) / len(known) if known else None
 
 
 def print_help() -> None:

@@ -73,13 +73,21 @@ def write_atomically(path: str, data: bytes) -> None:
     """Write aside, then rename: readers see the whole file or none of it."""
     folder = path.rsplit("/", 1)[0]
     temporary = FileSystems.join(folder, f".tmp-{uuid.uuid4().hex}")
-    if not FileSystems.exists(folder):
-        FileSystems.mkdirs(folder)
+    _ensure_folder(folder)
     with FileSystems.create(temporary) as file:
         file.write(data)
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([temporary], [path])
+
+
+def _ensure_folder(folder: str) -> None:
+    # Workers writing shards of one model race to create its folder.
+    try:
+        FileSystems.mkdirs(folder)
+    except OSError:
+        if not FileSystems.exists(folder):
+            raise
 
 
 def table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
@@ -168,6 +176,15 @@ def output_state(
     ]
     done = {key for key in markers if key in planned and key not in foreign_keys}
     return OutputState(done, stale, [markers[key] for key in sorted(foreign_keys)])
+
+
+def delete_leftover_temporaries(output_dir: str, model_names: list[str]) -> None:
+    """Files a killed run was writing when it died (never renamed into place)."""
+    folders = [output_dir, FileSystems.join(output_dir, MARKERS)]
+    folders += [FileSystems.join(output_dir, name) for name in model_names]
+    paths = [path for folder in folders for path in list_files(FileSystems.join(folder, ".tmp-*"))]
+    if paths:
+        FileSystems.delete(paths)
 
 
 def delete_everything(output_dir: str, model_names: list[str]) -> None:

@@ -39,3 +39,43 @@ def jpeg_bytes(seed: int, width: int = 320, height: int = 240) -> bytes:
 def truncated_jpeg(seed: int = 0) -> bytes:
     data = jpeg_bytes(seed)
     return data[: len(data) // 2]
+
+
+def png_chunk(tag: bytes, payload: bytes) -> bytes:
+    import struct
+    import zlib
+
+    crc = zlib.crc32(tag + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc)
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A valid PNG header that promises a huge 1-bit image (a decompression bomb)."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def jpeg_claiming_size(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header claims width x height."""
+    import struct
+
+    data = bytearray(encode(Image.new("RGB", (8, 8), (90, 90, 90)), "JPEG"))
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5 : frame + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def ycck_jpeg() -> bytes:
+    """A CMYK JPEG whose Adobe marker says YCCK (transform 2), as print workflows write."""
+    data = bytearray(encode(Image.new("CMYK", (32, 32), (200, 30, 0, 10)), "JPEG", quality=95))
+    adobe = data.index(b"Adobe")
+    data[adobe + 11] = 2  # 'Adobe', version, flags0, flags1, then the transform byte
+    return bytes(data)

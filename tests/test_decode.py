@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import io
 import struct
-import zlib
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
 
-from tests.images import encode, jpeg_bytes, photo_like, truncated_jpeg
+from tests.images import encode, jpeg_bytes, photo_like, png_claiming_size, truncated_jpeg
 from transforms import decode
 from transforms.decode import DecodeLimits, ImageError, decode_image
 
@@ -30,22 +29,6 @@ def reason_of(data: bytes, limits: DecodeLimits = LIMITS) -> str:
     with pytest.raises(ImageError) as caught:
         decode_image(data, limits)
     return caught.value.reason
-
-
-def png_chunk(tag: bytes, payload: bytes) -> bytes:
-    crc = zlib.crc32(tag + payload) & 0xFFFFFFFF
-    return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc)
-
-
-def png_claiming_size(width: int, height: int) -> bytes:
-    """A valid PNG header that promises a huge 1-bit image (a decompression bomb)."""
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", header)
-        + png_chunk(b"IDAT", zlib.compress(b"\0" * 1000))
-        + png_chunk(b"IEND", b"")
-    )
 
 
 @pytest.mark.parametrize("format", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "TGA"])
