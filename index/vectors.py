@@ -10,26 +10,21 @@ array([[0.6, 0.8]], dtype=float32)
 
 from __future__ import annotations
 
-import enum
-
 import faiss
 import numpy as np
+
+from imgembed.choices import Choice
 
 
 class IndexInputError(ValueError):
     """The embeddings cannot be indexed as given (missing, empty, mixed, NaN...)."""
 
 
-class Metric(str, enum.Enum):
+class Metric(Choice):
+    __flag__ = "--metric"
+
     COSINE = "cosine"
     L2 = "l2"
-
-    @classmethod
-    def parse(cls, value: str) -> Metric:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"--metric must be one of cosine, l2, got {value!r}") from None
 
     @property
     def faiss_metric(self) -> int:

@@ -51,6 +51,8 @@ def _model_files(spec: ModelSpec) -> list[pathlib.Path]:
         return [graph_file(spec.source)]
     if spec.format is Format.KERAS:
         return [pathlib.Path(spec.source)]
+    if pathlib.Path(spec.source).is_dir():  # a local SavedModel: no need to import TF Hub
+        return sorted(path for path in pathlib.Path(spec.source).rglob("*") if path.is_file())
     import tensorflow_hub as hub
 
     from models.hub_modules import hub_errors

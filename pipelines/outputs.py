@@ -120,7 +120,7 @@ class WriteShard(beam.DoFn):
 
     def process(self, element):
         key, groups = element
-        (inputs,) = groups["counts"]
+        inputs = sum(groups["counts"])  # one count per piece the shard was read in
         errors = sorted(groups["errors"], key=lambda row: (row["uri"], row["stage"], row["model"] or ""))
         input_errors = [row for row in errors if row["stage"] != STAGE_INFERENCE]
         marker = {
@@ -200,7 +200,7 @@ class ModelSummary:
     model: str
     rows: int
     inference_errors: int
-    images_per_sec_in_model: float | None
+    images_per_sec_in_model: float | None  # in one stream of model calls (one worker thread)
     embeddings: str
 
 
@@ -245,7 +245,7 @@ class RunSummary:
         for model in self.models:
             speed = f"{model.rows / max(self.seconds, 1e-9):.1f} images/s end to end"
             if model.images_per_sec_in_model:
-                speed += f", {model.images_per_sec_in_model:.1f} images/s in the model"
+                speed += f", {1000 / model.images_per_sec_in_model:.1f} ms of model time per image"
             lines += [
                 f"Embedded {model.rows} images with {model.model} ({speed})",
                 f"  inputs {self.inputs} = embedded {model.rows} + errors {self.input_errors + model.inference_errors}",

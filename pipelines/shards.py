@@ -15,12 +15,13 @@ of the run, so a rerun recognises finished shards and only does the rest.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import json
 import os
 
 from apache_beam.io.filesystems import FileSystems
+
+from imgembed.choices import Choice
 
 # Extensions that make a file a container of images rather than an image.
 CONTAINER_SUFFIXES = {
@@ -32,20 +33,14 @@ CONTAINER_SUFFIXES = {
 }
 
 
-class InputFormat(str, enum.Enum):
+class InputFormat(Choice):
+    __flag__ = "--input-format"
+
     AUTO = "auto"  # containers by extension, every other file an image
     FILES = "files"
     TFRECORD = "tfrecord"
     WEBDATASET = "webdataset"
     PARQUET = "parquet"
-
-    @classmethod
-    def parse(cls, value: str) -> InputFormat:
-        try:
-            return cls(value)
-        except ValueError:
-            allowed = ", ".join(f.value for f in cls)
-            raise ValueError(f"--input-format must be one of {allowed}, got {value!r}") from None
 
 
 class InputError(ValueError):
@@ -59,6 +54,15 @@ class InputShard:
     kind: str
     paths: tuple[str, ...]
     sizes: tuple[int, ...]
+
+    def pieces(self) -> list[InputShard]:
+        """Units of reading: each file of a files shard alone (so the files of one
+        shard spread over workers), a container whole (it is read in order)."""
+        if self.kind != "files":
+            return [self]
+        return [
+            InputShard("files", (path,), (size,)) for path, size in zip(self.paths, self.sizes, strict=True)
+        ]
 
     def content_key(self) -> str:
         digest = hashlib.sha256(self.kind.encode())

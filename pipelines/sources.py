@@ -109,8 +109,8 @@ def _parquet_images(path: str, column: str | None):
 
 
 class ReadShard(beam.DoFn):
-    """(key, InputShard) -> (key, (uri, bytes)); errors -> (key, error row);
-    counts -> (key, number of inputs)."""
+    """(key, a piece of the shard) -> (key, (uri, bytes)); errors -> (key, error row);
+    counts -> (key, number of inputs in the piece), which the writer adds up."""
 
     def __init__(self, limits: DecodeLimits, image_column: str | None = None):
         self._limits = limits

@@ -18,29 +18,24 @@ all source pixels instead of sampling a few (no aliasing).
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 
 import numpy as np
 from PIL import Image
+
+from imgembed.choices import Choice
 
 # Grey 128 becomes ~0 after the [-1, 1] scaling MobileNet was trained with, so
 # padding adds the least signal of any fill.
 PAD_VALUE = 128
 
 
-class ResizeMode(str, enum.Enum):
+class ResizeMode(Choice):
+    __flag__ = "--resize"
+
     CROP = "crop"
     SQUASH = "squash"
     PAD = "pad"
-
-    @classmethod
-    def parse(cls, value: str) -> ResizeMode:
-        try:
-            return cls(value)
-        except ValueError:
-            allowed = ", ".join(mode.value for mode in cls)
-            raise ValueError(f"--resize must be one of {allowed}, got {value!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
