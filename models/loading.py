@@ -20,8 +20,10 @@ in [0, 1] in, float32 [N, D] out.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import importlib
+import multiprocessing
 import os
 import re
 
@@ -127,3 +129,29 @@ def check_available(spec: ModelSpec) -> None:
         for part in spec.source.split("+"):
             if not os.path.isfile(part):
                 raise ModelLoadError(f"model file {part} does not exist")
+
+
+def resolve_and_check(references: list[str]) -> list[ModelSpec]:
+    """``resolve_spec`` then ``check_available`` for each reference, in a child process
+    unless all are the embedded model. Describing a model file or module loads it,
+    and checking a hub handle imports tensorflow_hub: either brings in TensorFlow
+    (~600 MB), which would then stay in the caller for good. A job's launcher has no
+    other use for it, and on the local runner it is where the shuffles are held."""
+    if all(_is_embedded(reference) for reference in references):
+        return _resolve_and_check(references)
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of ours is copied
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as child:
+        return child.submit(_resolve_and_check, references).result()
+
+
+def _is_embedded(reference: str) -> bool:
+    named = _NAMED.match(reference)
+    spec = KNOWN_MODELS.get(named.group(2) if named else reference)
+    return spec is not None and spec.source == EMBEDDED_SOURCE
+
+
+def _resolve_and_check(references: list[str]) -> list[ModelSpec]:
+    specs = [resolve_spec(reference) for reference in references]
+    for spec in specs:
+        check_available(spec)
+    return specs

@@ -3,6 +3,7 @@
     plan_shards: inputs -> input shards (groups of files; TFRecord, tar, Parquet files)
     shards --ReadShard--> (shard, (uri, bytes)) --DecodeAndResize--> ((shard, ImageKey), {size: pixels})
           --RunInference(EmbeddingModelHandler), once per --model--> (shard, row)
+          --WriteParts--> (shard, part file of rows)
     every stage's failures ---------------------------------------> (shard, error row)
     --CoGroupByKey(shard)--> WriteShard: one Parquet file per model, errors, marker
 
@@ -43,7 +44,7 @@ from apache_beam.options.pipeline_options import (
 from imgembed.units import parse_size
 from models import labels
 from models.errors import ModelLoadError
-from models.loading import BACKENDS, check_available, resolve_spec
+from models.loading import BACKENDS, resolve_and_check
 from models.registry import EMBEDDED_MODEL_NAME, Flavour, ModelSpec
 from pipelines import outputs
 from pipelines.dead_letters import ERRORS, METRICS_NAMESPACE
@@ -236,7 +237,7 @@ class EmbedConfig:
         input_format = InputFormat.parse(options.input_format)
         patterns = options.inputs or default_corpus_patterns()
         shards = tuple(plan_shards(patterns, input_format, options.files_per_shard))
-        models = tuple(resolve_spec(reference) for reference in options.models or [EMBEDDED_MODEL_NAME])
+        models = tuple(resolve_and_check(options.models or [EMBEDDED_MODEL_NAME]))
         names = [model.name for model in models]
         if len(set(names)) != len(names):
             raise ValueError(
@@ -277,6 +278,15 @@ class EmbedConfig:
             "preprocessing": self.preprocessing.to_metadata(),
             "backend": self.backend,
         }
+
+    def schema(self, model: ModelSpec):
+        """Of the model's embeddings files."""
+        return embedding_schema(
+            model.output_dim,
+            self.file_metadata(model),
+            self.thumbnail_size > 0,
+            top_k=model.flavour is Flavour.CLASSIFICATION,
+        )
 
 
 def _local_workers(options: PipelineOptions) -> int | None:
@@ -324,8 +334,8 @@ def _to_row(keys, result, top_k: int | None = None):
 
 
 def embed_with(images, model: ModelSpec, config: EmbedConfig):
-    """One model's branch: its input size -> RunInference -> (shard, row); and its
-    (shard, error row)s."""
+    """One model's branch: its input size -> RunInference -> rows in part files,
+    (shard, part); and its (shard, error row)s."""
     step = f"[{model.name}]"
     handler = KeyedModelHandler(
         EmbeddingModelHandler(
@@ -338,23 +348,20 @@ def embed_with(images, model: ModelSpec, config: EmbedConfig):
         | f"Embed{step}" >> RunInference(handler).with_exception_handling()
     )
     classifier = model.flavour is Flavour.CLASSIFICATION
-    rows = embedded | f"ToRows{step}" >> beam.MapTuple(_to_row, top_k=config.top_k if classifier else None)
+    parts = (
+        embedded
+        | f"ToRows{step}" >> beam.MapTuple(_to_row, top_k=config.top_k if classifier else None)
+        | f"WriteParts{step}"
+        >> beam.ParDo(outputs.WriteParts(config.output_dir, model.name, config.schema(model)))
+    )
     errors = dead_letters.failed_inferences | f"InferenceErrors{step}" >> beam.FlatMap(
         _inference_errors, model_name=model.name
     )
-    return rows, errors
+    return parts, errors
 
 
 def schemas(config: EmbedConfig) -> dict:
-    return {
-        model.name: embedding_schema(
-            model.output_dim,
-            config.file_metadata(model),
-            config.thumbnail_size > 0,
-            top_k=model.flavour is Flavour.CLASSIFICATION,
-        )
-        for model in config.models
-    }
+    return {model.name: config.schema(model) for model in config.models}
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: EmbedConfig, pending: dict[str, InputShard]) -> None:
@@ -379,7 +386,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: EmbedConfig, pending: dict[s
         decoded[ERRORS],
         *(errors for _, errors in branches.values()),
     ) | "AllErrors" >> beam.Flatten()
-    groups = {"counts": read[COUNTS], "errors": errors} | {name: rows for name, (rows, _) in branches.items()}
+    parts = [parts for parts, _ in branches.values()] | "AllParts" >> beam.Flatten()
+    groups = {"counts": read[COUNTS], "errors": errors, "parts": parts}
     settings = config.settings()
     _ = (
         groups
@@ -461,8 +469,6 @@ def run(
 ) -> outputs.RunSummary | None:
     options = PipelineOptions(argv)
     config = EmbedConfig.from_options(options.view_as(EmbedOptions))
-    for model in config.models:
-        check_available(model)
     pending, keys, done_before = _plan_outputs(config)
 
     started = time.monotonic()
@@ -481,6 +487,8 @@ def run(
         for model in config.models:
             model_seconds[model.name].append(_model_images_per_sec(result, model.name))
 
+    # Each shard's writer removed its parts; what is left is their empty folder.
+    outputs.delete_folder(outputs.parts_folder(config.output_dir))
     summary = outputs.summarize(
         config.output_dir,
         [model.name for model in config.models],

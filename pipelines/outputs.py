@@ -7,9 +7,15 @@ see pipelines/shards.py)::
     DIR/errors-KEY.parquet                    the shard's inputs that failed, with reasons
     DIR/_shards/KEY.json                      written last: the shard is complete, and its counts
     DIR/run_summary.json                      the sum over the run's shards
+    DIR/_parts/KEY/                           while a shard is being made: its rows in parts
 
-Each file is written to a temporary name and renamed, and the marker comes last,
-so a crash leaves either a complete shard or one that the next run redoes.
+Rows are written where they are made, into part files of a few hundred rows
+(``WriteParts``); the shuffle to the shard's writer (``WriteShard``) carries their
+names and the error rows, not embeddings and thumbnails, so it stays small on every
+runner (the local runner holds a shuffle in memory). The writer joins the parts
+into the shard's files. Each file is written to a temporary name and renamed, and
+the marker comes last, so a crash leaves either a complete shard or one that the
+next run redoes.
 """
 
 from __future__ import annotations
@@ -18,19 +24,25 @@ import dataclasses
 import json
 import logging
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
 
 from pipelines.records import ERROR_SCHEMA, STAGE_INFERENCE
 
 PARQUET_SUFFIX = ".parquet"
 SUMMARY_FILE = "run_summary.json"
 MARKERS = "_shards"
+PARTS = "_parts"
+# Rows a worker holds before writing them out: a few MB with thumbnails.
+ROWS_PER_PART = 500
 _log = logging.getLogger(__name__)
 
 
@@ -44,6 +56,11 @@ def errors_path(output_dir: str, key: str) -> str:
 
 def marker_path(output_dir: str, key: str) -> str:
     return FileSystems.join(output_dir, MARKERS, f"{key}.json")
+
+
+def parts_folder(output_dir: str, key: str | None = None) -> str:
+    folder = FileSystems.join(output_dir, PARTS)
+    return FileSystems.join(folder, key) if key else folder
 
 
 def embeddings_glob(output_dir: str, model_name: str) -> str:
@@ -81,6 +98,17 @@ def write_atomically(path: str, data: bytes) -> None:
     FileSystems.rename([temporary], [path])
 
 
+def delete_folder(folder: str) -> None:
+    """A folder and everything in it (on object stores, under the prefix), if any."""
+    # Object stores delete a prefix given a trailing slash; a local path names the folder.
+    is_local = FileSystems.get_scheme(folder) is None
+    try:
+        FileSystems.delete([folder if is_local else folder + "/"])
+    except BeamIOError:
+        if FileSystems.exists(folder):
+            raise
+
+
 def _ensure_folder(folder: str) -> None:
     # Workers writing shards of one model race to create its folder.
     try:
@@ -90,8 +118,8 @@ def _ensure_folder(folder: str) -> None:
             raise
 
 
-def table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
-    """Rows as Parquet; the embedding column is built from one array, not row by row."""
+def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """The embedding column is built from one array, not row by row."""
     columns = {}
     for field in schema:
         values = [row[field.name] for row in rows]
@@ -100,9 +128,58 @@ def table_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
             columns[field.name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), field.type.list_size)
         else:
             columns[field.name] = pa.array(values, field.type)
+    return pa.table(columns, schema=schema)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.table(columns, schema=schema), sink, compression="snappy")
+    pq.write_table(table, sink, compression="snappy")
     return sink.getvalue().to_pybytes()
+
+
+def read_table(path: str) -> pa.Table:
+    with FileSystems.open(path) as file:
+        return pq.read_table(file)
+
+
+class WriteParts(beam.DoFn):
+    """One model's (key, row)s -> part files under DIR/_parts/KEY/, each announced
+    downstream as (key, {"model", "path", "rows"}).
+
+    Only parts that reach the writer join the shard: a retried bundle's parts are
+    announced by the attempt that succeeded, and the others are deleted with the
+    folder.
+    """
+
+    def __init__(self, output_dir: str, model: str, schema: pa.Schema, rows_per_part: int = ROWS_PER_PART):
+        self._output_dir = output_dir
+        self._model = model
+        self._schema = schema
+        self._rows_per_part = rows_per_part
+
+    def start_bundle(self):
+        self._rows: dict[str, list[dict]] = defaultdict(list)
+        self._held = 0
+
+    def process(self, element):
+        key, row = element
+        self._rows[key].append(row)
+        self._held += 1
+        if self._held >= self._rows_per_part:
+            yield from self._write_parts()
+
+    def finish_bundle(self):
+        for part in self._write_parts():
+            yield GlobalWindows.windowed_value(part)
+
+    def _write_parts(self):
+        for key, rows in self._rows.items():
+            folder = parts_folder(self._output_dir, key)
+            path = FileSystems.join(folder, f"{self._model}-{uuid.uuid4().hex}{PARQUET_SUFFIX}")
+            write_atomically(path, parquet_bytes(rows_table(rows, self._schema)))
+            yield key, {"model": self._model, "path": path, "rows": len(rows)}
+        self._rows.clear()
+        self._held = 0
 
 
 class AccountingError(RuntimeError):
@@ -110,7 +187,9 @@ class AccountingError(RuntimeError):
 
 
 class WriteShard(beam.DoFn):
-    """(key, {"counts": [n], "errors": [...], <model>: [rows]}) -> the shard's files."""
+    """(key, {"counts": [n], "errors": [rows], "parts": [parts]}) -> the shard's files.
+
+    Idempotent: a retry of a shard whose marker is written only cleans up its parts."""
 
     def __init__(self, output_dir: str, schemas: dict[str, pa.Schema], settings: dict, settings_key: str):
         self._output_dir = output_dir
@@ -120,6 +199,16 @@ class WriteShard(beam.DoFn):
 
     def process(self, element):
         key, groups = element
+        if not self._is_complete(key):
+            self._write(key, groups)
+        delete_folder(parts_folder(self._output_dir, key))
+        yield key
+
+    def _is_complete(self, key: str) -> bool:
+        marker = marker_path(self._output_dir, key)
+        return FileSystems.exists(marker) and read_json(marker)["settings_key"] == self._settings_key
+
+    def _write(self, key: str, groups: dict) -> None:
         inputs = sum(groups["counts"])  # one count per piece the shard was read in
         errors = sorted(groups["errors"], key=lambda row: (row["uri"], row["stage"], row["model"] or ""))
         input_errors = [row for row in errors if row["stage"] != STAGE_INFERENCE]
@@ -134,20 +223,21 @@ class WriteShard(beam.DoFn):
             "inference_errors": {},
         }
         for model, schema in self._schemas.items():
-            rows = sorted(groups[model], key=lambda row: row["uri"])
+            parts = [read_table(part["path"]) for part in groups["parts"] if part["model"] == model]
+            # Sorted and in one chunk: the same rows give the same bytes on every run.
+            rows = pa.concat_tables([schema.empty_table(), *parts]).sort_by("uri").combine_chunks()
             failed = sum(1 for row in errors if row["stage"] == STAGE_INFERENCE and row["model"] == model)
-            ids = [row["id"] for row in rows]
-            if len(rows) + len(input_errors) + failed != inputs or len(set(ids)) != len(ids):
+            duplicates = len(rows) - pc.count_distinct(rows["id"]).as_py()
+            if len(rows) + len(input_errors) + failed != inputs or duplicates:
                 raise AccountingError(
                     f"shard {key}, model {model}: {inputs} inputs but {len(rows)} rows + "
-                    f"{len(input_errors) + failed} errors ({len(ids) - len(set(ids))} duplicate ids)"
+                    f"{len(input_errors) + failed} errors ({duplicates} duplicate ids)"
                 )
-            write_atomically(embeddings_path(self._output_dir, model, key), table_bytes(rows, schema))
+            write_atomically(embeddings_path(self._output_dir, model, key), parquet_bytes(rows))
             marker["rows"][model] = len(rows)
             marker["inference_errors"][model] = failed
-        write_atomically(errors_path(self._output_dir, key), table_bytes(errors, ERROR_SCHEMA))
+        write_atomically(errors_path(self._output_dir, key), parquet_bytes(rows_table(errors, ERROR_SCHEMA)))
         write_atomically(marker_path(self._output_dir, key), json.dumps(marker, sort_keys=True).encode())
-        yield key
 
 
 @dataclasses.dataclass
@@ -179,12 +269,14 @@ def output_state(
 
 
 def delete_leftover_temporaries(output_dir: str, model_names: list[str]) -> None:
-    """Files a killed run was writing when it died (never renamed into place)."""
+    """Files a killed run was writing when it died (never renamed into place), and
+    the parts of shards it did not finish."""
     folders = [output_dir, FileSystems.join(output_dir, MARKERS)]
     folders += [FileSystems.join(output_dir, name) for name in model_names]
     paths = [path for folder in folders for path in list_files(FileSystems.join(folder, ".tmp-*"))]
     if paths:
         FileSystems.delete(paths)
+    delete_folder(parts_folder(output_dir))
 
 
 def delete_everything(output_dir: str, model_names: list[str]) -> None:

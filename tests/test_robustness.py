@@ -218,6 +218,7 @@ def test_a_run_killed_halfway_finishes_on_rerun_with_one_row_per_input(tiny_mode
     uris = table["uri"].to_pylist()
     assert len(uris) == len(set(uris)) == 60 and summary["inputs"] == 60 and summary["balanced"]
     assert not glob.glob(str(output / "**" / ".tmp-*"), recursive=True)  # the killed writes are cleaned up
+    assert not (output / outputs.PARTS).exists()  # and so are the parts of unfinished shards
 
 
 def test_reruns_give_byte_identical_embeddings(photo_dir, tiny_model_dir, tmp_path):
