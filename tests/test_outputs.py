@@ -1,0 +1,89 @@
+"""The shard writer on its own: parts joined into one sorted file, accounting, retries."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import outputs
+from pipelines.records import (
+    STAGE_DECODE,
+    ImageKey,
+    embedding_row,
+    embedding_schema,
+    error_row,
+    image_id,
+    read_metadata,
+)
+
+SCHEMA = embedding_schema(4, {"model": "test"})
+KEY = "shard0"
+
+
+def row(name: str) -> dict:
+    uri = f"/photos/{name}.jpg"
+    return embedding_row(ImageKey(image_id(uri), uri, 10, 10, "0" * 64), np.full(4, len(name), np.float32))
+
+
+def write_parts(output_dir: str, rows: list[dict], rows_per_part: int) -> list[dict]:
+    """Runs WriteParts over one bundle; returns the parts it announced."""
+    writer = outputs.WriteParts(output_dir, "m", SCHEMA, rows_per_part)
+    writer.start_bundle()
+    announced = [part for element in rows for part in writer.process((KEY, element))]
+    announced += [windowed.value for windowed in writer.finish_bundle()]
+    assert all(key == KEY for key, _ in announced)
+    return [part for _, part in announced]
+
+
+def shard_writer(output_dir: str) -> outputs.WriteShard:
+    return outputs.WriteShard(output_dir, {"m": SCHEMA}, {"settings": 1}, "settings-key")
+
+
+def test_parts_are_joined_into_one_file_sorted_by_uri_and_removed(tmp_path):
+    names = ["e", "a", "d", "c", "b"]
+    parts = write_parts(str(tmp_path), [row(name) for name in names], rows_per_part=2)
+    assert [part["rows"] for part in parts] == [2, 2, 1]  # written as they fill, the rest at the end
+    failed = error_row("/photos/zz.jpg", STAGE_DECODE, "truncated", "cut short")
+
+    written = list(
+        shard_writer(str(tmp_path)).process((KEY, {"counts": [4, 2], "errors": [failed], "parts": parts}))
+    )
+
+    assert written == [KEY]
+    table = pq.read_table(outputs.embeddings_path(str(tmp_path), "m", KEY))
+    assert table["uri"].to_pylist() == [f"/photos/{name}.jpg" for name in sorted(names)]
+    assert table.schema.names == SCHEMA.names and read_metadata(table.schema) == {"model": "test"}
+    marker = json.loads(pathlib.Path(outputs.marker_path(str(tmp_path), KEY)).read_text())
+    assert marker["inputs"] == 6 and marker["rows"] == {"m": 5} and marker["input_errors"] == 1
+    assert not (tmp_path / outputs.PARTS / KEY).exists()
+
+
+def test_a_shard_whose_rows_and_errors_miss_an_input_is_not_written(tmp_path):
+    parts = write_parts(str(tmp_path), [row("a"), row("b")], rows_per_part=10)
+    with pytest.raises(outputs.AccountingError, match="3 inputs but 2 rows"):
+        list(shard_writer(str(tmp_path)).process((KEY, {"counts": [3], "errors": [], "parts": parts})))
+    assert not (tmp_path / outputs.MARKERS).exists()
+
+
+def test_a_part_announced_twice_is_refused_as_duplicate_ids(tmp_path):
+    (part,) = write_parts(str(tmp_path), [row("a")], rows_per_part=10)
+    with pytest.raises(outputs.AccountingError, match="1 duplicate ids"):
+        list(
+            shard_writer(str(tmp_path)).process(
+                (KEY, {"counts": [1, 1], "errors": [], "parts": [part, part]})
+            )
+        )
+
+
+def test_a_retried_writer_of_a_complete_shard_only_cleans_up(tmp_path):
+    parts = write_parts(str(tmp_path), [row("a")], rows_per_part=10)
+    groups = {"counts": [1], "errors": [], "parts": parts}
+    list(shard_writer(str(tmp_path)).process((KEY, groups)))
+    first = pathlib.Path(outputs.embeddings_path(str(tmp_path), "m", KEY)).read_bytes()
+    # The parts are gone now; a retry must not need them.
+    assert list(shard_writer(str(tmp_path)).process((KEY, groups))) == [KEY]
+    assert pathlib.Path(outputs.embeddings_path(str(tmp_path), "m", KEY)).read_bytes() == first
