@@ -86,13 +86,16 @@ def read_json(path: str) -> dict:
         return json.loads(file.read())
 
 
+def write_file(path: str, data: bytes) -> None:
+    _ensure_folder(path.rsplit("/", 1)[0])
+    with FileSystems.create(path) as file:
+        file.write(data)
+
+
 def write_atomically(path: str, data: bytes) -> None:
     """Write aside, then rename: readers see the whole file or none of it."""
-    folder = path.rsplit("/", 1)[0]
-    temporary = FileSystems.join(folder, f".tmp-{uuid.uuid4().hex}")
-    _ensure_folder(folder)
-    with FileSystems.create(temporary) as file:
-        file.write(data)
+    temporary = FileSystems.join(path.rsplit("/", 1)[0], f".tmp-{uuid.uuid4().hex}")
+    write_file(temporary, data)
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([temporary], [path])
@@ -176,7 +179,9 @@ class WriteParts(beam.DoFn):
         for key, rows in self._rows.items():
             folder = parts_folder(self._output_dir, key)
             path = FileSystems.join(folder, f"{self._model}-{uuid.uuid4().hex}{PARQUET_SUFFIX}")
-            write_atomically(path, parquet_bytes(rows_table(rows, self._schema)))
+            # No rename needed (a costly copy on object stores): a part is named
+            # downstream only once it is whole.
+            write_file(path, parquet_bytes(rows_table(rows, self._schema)))
             yield key, {"model": self._model, "path": path, "rows": len(rows)}
         self._rows.clear()
         self._held = 0
