@@ -8,8 +8,10 @@ For each model it measures
 - the ceiling: cores / (model core-seconds + decode core-seconds) per image;
 - the pipeline, `imgembed embed` with its defaults (read -> decode -> embed -> Parquet),
   in steady state: images/s between a run on a quarter of the corpus and a run on
-  all of it, which cancels the fixed start-up; plus wall time and peak RSS;
-- the straightforward RunInference pipeline (bench/baseline_pipeline.py) the same way;
+  all of it, which cancels the fixed start-up (the corpus is cycled until the runs
+  last about a minute at the ceiling); plus wall time and peak RSS;
+- the straightforward RunInference pipeline (bench/baseline_pipeline.py) the same way,
+  on the corpus as it is;
 and prints pipeline / ceiling and pipeline / baseline.
 
     .venv/bin/python bench/throughput.py                       # 1200 generated photos
@@ -51,7 +53,9 @@ BIN = os.path.dirname(sys.executable)
 MODEL_BATCH = 64
 # Each speed is the best of a few tries: a shared machine only ever slows a try down.
 REPEATS = 3
-PIPELINE_REPEATS = 2
+# The pipeline's timed runs should last about this long at the ceiling, so that the
+# noise of start-up (seconds) stays small against the difference between them.
+STEADY_SECONDS = 60
 
 
 def prepare_models(work: str) -> dict[str, str]:
@@ -147,22 +151,21 @@ def model_rates(reference: str, paths: list[str]) -> list[dict]:
 
 
 def linked_folder(paths: list[str], folder: str) -> str:
+    """A folder of links to ``paths``, a path listed twice linked under two names."""
     os.makedirs(folder, exist_ok=True)
-    for path in paths:
-        target = os.path.join(folder, os.path.basename(path))
+    for number, path in enumerate(paths):
+        target = os.path.join(folder, f"{number:07d}{os.path.splitext(path)[1]}")
         if not os.path.exists(target):
             os.symlink(path, target)
     return folder
 
 
 def steady_rate(command_for, small: list[str], large: list[str], work: str, name: str) -> dict:
-    """images/s between two runs of different sizes (start-up cancels out); each
-    run is timed twice and the faster kept, as the model speeds are."""
+    """images/s between two runs of different sizes (start-up cancels out)."""
     runs = []
     for label, paths in (("small", small), ("large", large)):
-        folder = linked_folder(paths, os.path.join(work, f"{name}-{label}-input"))
-        output = os.path.join(work, f"{name}-{label}-output")
-        seconds, peak, _ = min(run_measured(command_for(folder, output)) for _ in range(PIPELINE_REPEATS))
+        folder = linked_folder(paths, os.path.join(work, f"{name}-{len(paths)}-input"))
+        seconds, peak, _ = run_measured(command_for(folder, os.path.join(work, f"{name}-{label}-output")))
         runs.append((len(paths), seconds, peak))
     (n_small, t_small, _), (n_large, t_large, peak) = runs
     return {
@@ -180,7 +183,10 @@ def bench_model(label: str, reference: str, paths: list[str], work: str) -> dict
     rates = model_rates(reference, paths)
     best = min(rates, key=lambda r: r["core_seconds"])
     ceiling = CORES / (best["core_seconds"] + 1 / decode)
-    small, large = paths[: len(paths) // 4], paths
+    # The corpus, cycled if it is too short to run for STEADY_SECONDS at the ceiling.
+    count = max(len(paths), round(ceiling * STEADY_SECONDS))
+    large = [paths[number % len(paths)] for number in range(count)]
+    small = large[: count // 4]
 
     def ours(folder, output):
         return [
@@ -209,7 +215,8 @@ def bench_model(label: str, reference: str, paths: list[str], work: str) -> dict
         ]
 
     pipeline = steady_rate(ours, small, large, work, f"{label}-imgembed")
-    straightforward = steady_rate(baseline, small, large, work, f"{label}-baseline")
+    # The baseline is slower: the corpus alone already runs it for minutes.
+    straightforward = steady_rate(baseline, paths[: len(paths) // 4], paths, work, f"{label}-baseline")
     result = {
         "model": label,
         "reference": reference,
