@@ -133,7 +133,7 @@ class _Stage:
         dtype = self.input["dtype"]
         scale, zero_point = self.input["quantization"]
         if dtype == np.float32:
-            return real.astype(np.float32)
+            return np.asarray(real, dtype=np.float32)  # set_tensor copies it anyway
         values = np.round(real / scale + zero_point)
         info = np.iinfo(dtype)
         return np.clip(values, info.min, info.max).astype(dtype)

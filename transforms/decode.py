@@ -99,10 +99,11 @@ def decode_image(data: bytes, limits: DecodeLimits, min_side: int | None = None)
             if min_side and image.format == "JPEG":
                 image.draft(image.mode, (min_side, min_side))
             image.load()
-            upright = ImageOps.exif_transpose(image)
-            if upright.size != image.size:  # rotated a quarter turn
+            loaded_size = image.size
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright photo
+            if image.size != loaded_size:  # rotated a quarter turn
                 full_size = full_size[::-1]
-            rgb = _to_rgb(upright)
+            rgb = _to_rgb(image)
             rgb.info["original_size"] = full_size
             return rgb
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as error:
