@@ -75,7 +75,7 @@ def _image_files(shard: InputShard, limits: DecodeLimits, reader: ThreadPoolExec
 
     for path, size in zip(shard.paths, shard.sizes, strict=True):
         holds = size if size <= limits.max_file_bytes else 0
-        while reading and (len(reading) >= READ_AHEAD_FILES or held + holds > READ_AHEAD_BYTES):
+        while reading and (len(reading) > READ_AHEAD_FILES or held + holds > READ_AHEAD_BYTES):
             yield oldest()
         reading.append((path, reader.submit(_read_file, path, size, limits), holds))
         held += holds
