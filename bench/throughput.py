@@ -2,9 +2,12 @@
 images in one run, with the ratios that matter.
 
 For each model it measures
-- decode + resize per core (one thread, the pipeline's own decoder and preprocessing);
 - model-only images/s for each backend (TensorFlow, TFLite/XNNPACK) and thread count,
-  and from the best of them the model's core-seconds per image;
+  each alone on the machine;
+- with one process per core, all at once, as the pipeline's workers run: decode +
+  resize core-seconds per image over the whole corpus (bytes already in memory; the
+  pipeline's own decoder and preprocessing), and the best backend's core-seconds
+  per image on one thread;
 - the ceiling: cores / (model core-seconds + decode core-seconds) per image;
 - the pipeline, `imgembed embed` with its defaults (read -> decode -> embed -> Parquet),
   in steady state: images/s between a run on a quarter of the corpus and a run on
@@ -27,12 +30,14 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import multiprocessing
 import os
 import pathlib
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -53,9 +58,12 @@ BIN = os.path.dirname(sys.executable)
 MODEL_BATCH = 64
 # Each speed is the best of a few tries: a shared machine only ever slows a try down.
 REPEATS = 3
+PIPELINE_TRIES = 2  # each pipeline run lasts a minute or more
 # The pipeline's timed runs should last about this long at the ceiling, so that the
 # noise of start-up (seconds) stays small against the difference between them.
 STEADY_SECONDS = 60
+# About how long each process runs the model when every core runs it.
+MODEL_SECONDS = 5
 
 
 def prepare_models(work: str) -> dict[str, str]:
@@ -98,18 +106,72 @@ def baseline_savedmodel(reference: str, work: str) -> str:
     return path
 
 
-def decode_rate(paths: list[str], size: int) -> float:
-    """Images per second on one core: read bytes already in memory, decode, resize."""
+_start = None  # in each process of on_every_core: the barrier all of them pass together
+
+
+def _keep_start(barrier) -> None:
+    global _start
+    _start = barrier
+
+
+def _tries(work) -> list[float]:
+    """Seconds of each of REPEATS runs of ``work``; every process starts each together."""
+    seconds = []
+    for _ in range(REPEATS):
+        _start.wait()
+        started = time.perf_counter()
+        work()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def _decode_share(paths: list[str], size: int) -> tuple[int, list[float]]:
+    """In one process: decode and resize ``paths``, read into memory beforehand."""
     preprocessing = Preprocessing()
     datas = [pathlib.Path(path).read_bytes() for path in paths]
 
-    def rate() -> float:
-        started = time.perf_counter()
+    def decode_all():
         for data in datas:
             preprocessing.apply(decode_image(data, DecodeLimits(), preprocessing.decode_side(size)), size)
-        return len(datas) / (time.perf_counter() - started)
 
-    return max(rate() for _ in range(REPEATS))
+    return len(datas), _tries(decode_all)
+
+
+def _model_share(reference: str, backend: str, images: np.ndarray, batches: int) -> tuple[int, list[float]]:
+    """In one process: the model on one thread, ``batches`` times on ``images``."""
+    model = load_model(resolve_spec(reference), backend, 1)
+    model(images[:8])
+
+    def run_all():
+        for _ in range(batches):
+            model(images)
+
+    return len(images) * batches, _tries(run_all)
+
+
+def on_every_core(task, shares: list[tuple]) -> float:
+    """Core-seconds per image of ``task`` run in one process per core at once, each
+    on its share, as the pipeline's workers run (cores that share caches, memory
+    and a hypervisor are slower together than one alone); the best of REPEATS."""
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(CORES)
+    with ProcessPoolExecutor(CORES, mp_context=context, initializer=_keep_start, initargs=(start,)) as pool:
+        done = [future.result() for future in [pool.submit(task, *share) for share in shares]]
+    images = sum(count for count, _ in done)
+    return min(sum(seconds) for seconds in zip(*(tries for _, tries in done), strict=True)) / images
+
+
+def decode_core_seconds(paths: list[str], size: int) -> float:
+    """Decode + resize, core-seconds per image, over the whole corpus (the pipeline
+    cycles through all of it) with every core decoding."""
+    return on_every_core(_decode_share, [(paths[core::CORES], size) for core in range(CORES)])
+
+
+def model_core_seconds(reference: str, backend: str, images: np.ndarray, images_per_sec: float) -> float:
+    """The model alone on one thread per core, every core running it, for about
+    MODEL_SECONDS at ``images_per_sec`` (its speed alone)."""
+    batches = max(1, round(MODEL_SECONDS * images_per_sec / len(images)))
+    return on_every_core(_model_share, [(reference, backend, images, batches)] * CORES)
 
 
 def _rate(model, images: np.ndarray) -> float:
@@ -118,7 +180,8 @@ def _rate(model, images: np.ndarray) -> float:
     return len(images) / (time.perf_counter() - started)
 
 
-def model_rates(reference: str, paths: list[str]) -> list[dict]:
+def model_batch(reference: str, paths: list[str]) -> np.ndarray:
+    """The first MODEL_BATCH images as the model sees them."""
     spec = resolve_spec(reference)
     preprocessing = Preprocessing()
     pixels = [
@@ -130,7 +193,12 @@ def model_rates(reference: str, paths: list[str]) -> list[dict]:
         )
         for p in paths[:MODEL_BATCH]
     ]
-    images = scale_pixels(np.stack(pixels))
+    return scale_pixels(np.stack(pixels))
+
+
+def model_rates(reference: str, images: np.ndarray) -> list[dict]:
+    """Each backend and thread count alone on the machine."""
+    spec = resolve_spec(reference)
     rates = []
     for backend in ("tensorflow", "tflite"):
         for threads in sorted({1, CORES}):
@@ -165,8 +233,10 @@ def steady_rate(command_for, small: list[str], large: list[str], work: str, name
     runs = []
     for label, paths in (("small", small), ("large", large)):
         folder = linked_folder(paths, os.path.join(work, f"{name}-{len(paths)}-input"))
-        seconds, peak, _ = run_measured(command_for(folder, os.path.join(work, f"{name}-{label}-output")))
-        runs.append((len(paths), seconds, peak))
+        output = os.path.join(work, f"{name}-{label}-output")
+        tries = [run_measured(command_for(folder, output)) for _ in range(PIPELINE_TRIES)]
+        seconds = min(seconds for seconds, _, _ in tries)
+        runs.append((len(paths), seconds, max(peak for _, peak, _ in tries)))
     (n_small, t_small, _), (n_large, t_large, peak) = runs
     return {
         "images_per_sec": (n_large - n_small) / max(t_large - t_small, 1e-9),
@@ -179,10 +249,12 @@ def steady_rate(command_for, small: list[str], large: list[str], work: str, name
 
 def bench_model(label: str, reference: str, paths: list[str], work: str) -> dict:
     spec = resolve_spec(reference)
-    decode = decode_rate(paths[:200], spec.image_size)
-    rates = model_rates(reference, paths)
+    images = model_batch(reference, paths)
+    rates = model_rates(reference, images)
     best = min(rates, key=lambda r: r["core_seconds"])
-    ceiling = CORES / (best["core_seconds"] + 1 / decode)
+    decode_seconds = decode_core_seconds(paths, spec.image_size)
+    model_seconds = model_core_seconds(reference, best["backend"], images, best["images_per_sec"])
+    ceiling = CORES / (model_seconds + decode_seconds)
     # The corpus, cycled if it is too short to run for STEADY_SECONDS at the ceiling.
     count = max(len(paths), round(ceiling * STEADY_SECONDS))
     large = [paths[number % len(paths)] for number in range(count)]
@@ -220,7 +292,8 @@ def bench_model(label: str, reference: str, paths: list[str], work: str) -> dict
     result = {
         "model": label,
         "reference": reference,
-        "decode_per_core": decode,
+        "decode_core_seconds": decode_seconds,
+        "model_core_seconds": model_seconds,
         "model_rates": rates,
         "ceiling": ceiling,
         "pipeline": pipeline,
@@ -262,23 +335,26 @@ def markdown(results: list[dict], corpus: str, command: str, memory: list[dict] 
         "",
         f"{CORES} cores; corpus: {corpus}. Command: `{command}`",
         "",
-        "| model | decode+resize per core | best model backend | model images/s | ceiling | "
+        "Core-seconds per image measured with every core busy (one process per core), "
+        f"each speed the best of {REPEATS} tries ({PIPELINE_TRIES} for pipelines).",
+        "",
+        "| model | decode+resize | model (best backend, 1 thread) | ceiling | "
         "pipeline (steady) | pipeline / ceiling | baseline pipeline | pipeline / baseline | "
         "pipeline wall (start-up included) | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         best = min(r["model_rates"], key=lambda rate: rate["core_seconds"])
         lines.append(
-            f"| {r['model']} | {r['decode_per_core']:.0f}/s | {best['backend']}, {best['threads']} thread(s) | "
-            f"{best['images_per_sec']:.0f} | {r['ceiling']:.0f}/s | {r['pipeline']['images_per_sec']:.0f}/s | "
+            f"| {r['model']} | {r['decode_core_seconds'] * 1000:.2f} ms | {best['backend']}: "
+            f"{r['model_core_seconds'] * 1000:.2f} ms | {r['ceiling']:.0f}/s | {r['pipeline']['images_per_sec']:.0f}/s | "
             f"**{r['pipeline_vs_ceiling']:.2f}** | {r['baseline']['images_per_sec']:.1f}/s | "
             f"**{r['pipeline_vs_baseline']:.1f}x** | {r['pipeline']['wall_images_per_sec']:.0f}/s over "
             f"{r['pipeline']['images']} images | {r['pipeline']['peak_rss'] / 2**20:.0f} MiB |"
         )
     lines += [
         "",
-        "Model alone, per backend (batch of 64 preprocessed images, best of 3):",
+        f"Model alone on the machine, per backend (batch of {MODEL_BATCH} preprocessed images, best of {REPEATS}):",
         "",
         "| model | backend | threads | images/s | core-seconds per image |",
         "|---|---|---|---|---|",
