@@ -229,7 +229,8 @@ def linked_folder(paths: list[str], folder: str) -> str:
 
 
 def steady_rate(command_for, small: list[str], large: list[str], work: str, name: str) -> dict:
-    """images/s between two runs of different sizes (start-up cancels out)."""
+    """images/s between two runs of different sizes (start-up cancels out), each
+    size the best of PIPELINE_TRIES runs."""
     runs = []
     for label, paths in (("small", small), ("large", large)):
         folder = linked_folder(paths, os.path.join(work, f"{name}-{len(paths)}-input"))
