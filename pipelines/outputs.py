@@ -135,8 +135,11 @@ def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
+    # Dictionary encoding suits ids and labels, never float vectors: trying it on
+    # the embedding column made writing 5x slower and files 40% bigger.
+    dictionary = [field.name for field in table.schema if not pa.types.is_fixed_size_list(field.type)]
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="snappy")
+    pq.write_table(table, sink, compression="snappy", use_dictionary=dictionary)
     return sink.getvalue().to_pybytes()
 
 
