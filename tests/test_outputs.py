@@ -6,6 +6,7 @@ import json
 import pathlib
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -87,3 +88,15 @@ def test_a_retried_writer_of_a_complete_shard_only_cleans_up(tmp_path):
     # The parts are gone now; a retry must not need them.
     assert list(shard_writer(str(tmp_path)).process((KEY, groups))) == [KEY]
     assert pathlib.Path(outputs.embeddings_path(str(tmp_path), "m", KEY)).read_bytes() == first
+
+
+def test_vectors_are_stored_without_dictionary_encoding_and_ids_with_it():
+    """Dictionary encoding makes float vectors slower to write and bigger; it suits ids."""
+    table = outputs.rows_table([row(name) for name in ("a", "bb", "ccc")], SCHEMA)
+    metadata = pq.ParquetFile(pa.BufferReader(outputs.parquet_bytes(table))).metadata.row_group(0)
+    encodings = {
+        metadata.column(index).path_in_schema.split(".")[0]: set(metadata.column(index).encodings)
+        for index in range(metadata.num_columns)
+    }
+    assert not {"PLAIN_DICTIONARY", "RLE_DICTIONARY"} & encodings["embedding"]
+    assert {"PLAIN_DICTIONARY", "RLE_DICTIONARY"} & encodings["uri"]
