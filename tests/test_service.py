@@ -284,6 +284,8 @@ def test_the_page_uploads_an_image_and_shows_the_neighbour_grid(server):
         page.wait_for_function(
             f"document.getElementById('query').textContent.includes({json.dumps('Images like ' + second)})"
         )
+        page.wait_for_selector(".hit")  # the grid empties when a query starts
+        assert cards.count() == 12
         assert second not in page.locator(".hit .name").all_text_contents()  # neighbours exclude the query
         assert page.text_content("#error") == ""
         browser.close()
