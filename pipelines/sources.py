@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,7 +35,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "image_bytes", "bytes")
 TFRECORD_IMAGE = "image/encoded"
 # How far reading runs ahead of decoding: enough files to hide an object store's
-# latency (tens of ms against a few ms of decoding), bytes bounded for big files.
+# latency (tens of ms against a few ms of decoding); in threads, bytes bounded too.
 READ_AHEAD_FILES = 8
 READ_AHEAD_BYTES = 64 << 20
 _log = logging.getLogger(__name__)
@@ -50,13 +51,61 @@ def _read_file(path: str, size: int, limits: DecodeLimits) -> bytes:
         return file.read()
 
 
-def _image_files(shard: InputShard, limits: DecodeLimits, reader: ThreadPoolExecutor):
-    """(uri, bytes or ImageError) for each file of a files shard, in order.
+def _read_failed(path: str, error: Exception) -> ImageError:
+    _log.warning("cannot read %s: %s", path, error)
+    return ImageError(READ_FAILED, f"{type(error).__name__}: {error}")
 
-    Up to READ_AHEAD_FILES files (READ_AHEAD_BYTES) are read ahead by ``reader``'s
-    threads, so waiting on a disk or an object store overlaps decoding instead of
-    idling the core. The sizes are known from the listing, so the bytes held stay
-    bounded; files over the byte limit are refused unread and count for nothing.
+
+def _image_files(shard: InputShard, limits: DecodeLimits, reader: ThreadPoolExecutor):
+    """(uri, bytes or ImageError) for each file of a files shard, in order, read
+    ahead of decoding so that waiting on storage overlaps work. Files over the byte
+    limit are refused unread (their sizes are known from the listing)."""
+    if all(FileSystems.get_scheme(path) is None for path in shard.paths):
+        return _local_files(shard, limits)
+    return _files_in_threads(shard, limits, reader)
+
+
+def _local_files(shard: InputShard, limits: DecodeLimits):
+    """Local files: the kernel reads the next READ_AHEAD_FILES ahead (posix_fadvise
+    WILLNEED) while this thread decodes. Reader threads would cost more here than
+    they hide: measured in a 0.25_224 worker, they took 0.5 ms of CPU per image
+    (switching and the GIL) against 0.05 ms for this."""
+    opened = collections.deque()  # (path, open file or ImageError)
+
+    def open_ahead(path: str, size: int):
+        try:
+            check_file_size(size, limits)
+            file = open(path, "rb")  # noqa: SIM115 - closed in oldest(), after the read
+        except ImageError as error:
+            return path, error
+        except OSError as error:
+            return path, _read_failed(path, error)
+        if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the OS's own read-ahead
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+        return path, file
+
+    def oldest():
+        path, file = opened.popleft()
+        if isinstance(file, ImageError):
+            return path, file
+        try:
+            with file:
+                return path, file.read()
+        except OSError as error:
+            return path, _read_failed(path, error)
+
+    for path, size in zip(shard.paths, shard.sizes, strict=True):
+        if len(opened) > READ_AHEAD_FILES:
+            yield oldest()
+        opened.append(open_ahead(path, size))
+    while opened:
+        yield oldest()
+
+
+def _files_in_threads(shard: InputShard, limits: DecodeLimits, reader: ThreadPoolExecutor):
+    """Files on an object store or other remote filesystem: up to READ_AHEAD_FILES
+    (READ_AHEAD_BYTES) are read ahead by ``reader``'s threads, hiding each request's
+    latency (tens of ms against a few ms of decoding); the bytes held stay bounded.
     """
     reading = collections.deque()  # (path, future of its bytes, bytes it holds)
     held = 0
@@ -70,8 +119,7 @@ def _image_files(shard: InputShard, limits: DecodeLimits, reader: ThreadPoolExec
         except ImageError as error:
             return path, error
         except Exception as error:  # every filesystem raises its own kind of error
-            _log.warning("cannot read %s: %s", path, error)
-            return path, ImageError(READ_FAILED, f"{type(error).__name__}: {error}")
+            return path, _read_failed(path, error)
 
     for path, size in zip(shard.paths, shard.sizes, strict=True):
         holds = size if size <= limits.max_file_bytes else 0

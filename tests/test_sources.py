@@ -1,11 +1,15 @@
-"""Reading a files shard: in order, every file once, ahead of decoding but bounded."""
+"""Reading a files shard: in order, every file once, ahead of decoding but bounded.
 
+Local files are read in the decoding thread with the kernel reading ahead; files on
+other filesystems by a pool of threads. Both give the same records."""
+
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
 from pipelines import sources
-from pipelines.shards import InputShard
+from pipelines.shards import InputShard, mixed_pieces
 from transforms.decode import DecodeLimits, ImageError
 
 
@@ -18,15 +22,25 @@ def files_shard(tmp_path, sizes: list[int]) -> InputShard:
     return InputShard("files", tuple(paths), tuple(sizes))
 
 
-def test_files_come_in_order_and_bad_ones_as_specific_errors(tmp_path):
-    shard = files_shard(tmp_path, [10, 0, 30, 5000, 20])
+def read_locally(shard, limits):
+    return list(sources._local_files(shard, limits))
+
+
+def read_in_threads(shard, limits):
+    with ThreadPoolExecutor(4) as reader:
+        return list(sources._files_in_threads(shard, limits, reader))
+
+
+@pytest.mark.parametrize("read", [read_locally, read_in_threads])
+def test_files_come_in_order_and_bad_ones_as_specific_errors(tmp_path, read):
+    shard = files_shard(tmp_path, [10, 0, 30, 5000, 20] + [7] * 20)
     gone = shard.paths[4]
     (tmp_path / "004.jpg").unlink()  # listed, then deleted before it is read
-    with ThreadPoolExecutor(4) as reader:
-        records = list(sources._image_files(shard, DecodeLimits(max_file_bytes=1000), reader))
+    records = read(shard, DecodeLimits(max_file_bytes=1000))
     assert [uri for uri, _ in records] == list(shard.paths)
     assert records[0][1] == bytes([0]) * 10
     assert records[2][1] == bytes([2]) * 30
+    assert records[-1][1] == bytes([24]) * 7
     reasons = {uri: data.reason for uri, data in records if isinstance(data, ImageError)}
     assert reasons == {
         shard.paths[1]: "empty_file",
@@ -49,12 +63,12 @@ class RecordingReader:
 
 
 @pytest.mark.parametrize("sizes", [[100] * 40, [100, 700, 300, 900, 50, 600, 20, 800, 400, 10] * 3])
-def test_reading_ahead_is_bounded_in_files_and_bytes(tmp_path, monkeypatch, sizes):
+def test_reading_ahead_in_threads_is_bounded_in_files_and_bytes(tmp_path, monkeypatch, sizes):
     monkeypatch.setattr(sources, "READ_AHEAD_BYTES", 1000)
     shard = files_shard(tmp_path, sizes)
     reader = RecordingReader()
     consumed, most_ahead = 0, 0
-    for _ in sources._image_files(shard, DecodeLimits(), reader):
+    for _ in sources._files_in_threads(shard, DecodeLimits(), reader):
         consumed += 1
         ahead = reader.submitted[consumed:]
         assert len(ahead) <= sources.READ_AHEAD_FILES
@@ -62,3 +76,48 @@ def test_reading_ahead_is_bounded_in_files_and_bytes(tmp_path, monkeypatch, size
         most_ahead = max(most_ahead, len(ahead))
     assert consumed == len(sizes) == len(reader.submitted)
     assert most_ahead > 1  # it does read ahead, or nothing would overlap decoding
+
+
+def test_local_files_are_read_without_threads_and_remote_ones_with(tmp_path, monkeypatch):
+    local = files_shard(tmp_path, [10] * 5)
+    reader = RecordingReader()
+    assert [data for _, data in sources._image_files(local, DecodeLimits(), reader)] == [
+        bytes([number]) * 10 for number in range(5)
+    ]
+    assert reader.submitted == []
+
+    remote = InputShard("files", tuple(f"gs://bucket/{number}.jpg" for number in range(3)), (10,) * 3)
+    monkeypatch.setattr(sources, "_read_file", lambda path, size, limits: path.encode())
+    records = list(sources._image_files(remote, DecodeLimits(), reader))
+    assert [data for _, data in records] == [path.encode() for path in remote.paths]
+    assert reader.submitted == [10] * 3
+
+
+def test_local_reading_keeps_a_bounded_number_of_files_open(tmp_path):
+    shard = files_shard(tmp_path, [10] * 40)
+    opened_before = len(os.listdir("/proc/self/fd"))
+    most_open = 0
+    for _ in sources._local_files(shard, DecodeLimits()):
+        most_open = max(most_open, len(os.listdir("/proc/self/fd")) - opened_before)
+    assert 1 < most_open <= sources.READ_AHEAD_FILES + 1
+    assert len(os.listdir("/proc/self/fd")) == opened_before
+
+
+def test_pieces_are_mixed_so_round_robin_workers_get_even_shares():
+    # 40 shards of 500 files: 15 pieces of 32 files and one of 20 each.
+    shards = {
+        f"shard{number:02d}": InputShard(
+            "files", tuple(f"/{number}/{file}.jpg" for file in range(500)), (1,) * 500
+        )
+        for number in range(40)
+    }
+    pieces = mixed_pieces(shards)
+    assert pieces == mixed_pieces(shards)  # the same order on every run
+    assert sorted(path for _, piece in pieces for path in piece.paths) == sorted(
+        path for shard in shards.values() for path in shard.paths
+    )
+    assert all(set(piece.paths) <= set(shards[key].paths) for key, piece in pieces)
+    # The local runner deals a stage's elements to its workers round-robin.
+    for workers in (2, 4):
+        shares = [sum(len(piece.paths) for _, piece in pieces[worker::workers]) for worker in range(workers)]
+        assert max(shares) - min(shares) <= 0.01 * 20_000 / workers, shares
