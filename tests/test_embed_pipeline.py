@@ -9,12 +9,16 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
+from apache_beam.io.filesystem import FileMetadata, MatchResult
+from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from models.embedded import graph_path
@@ -191,6 +195,58 @@ def test_folders_are_read_recursively_and_overlapping_patterns_read_once(photo_d
     )
     uris = embeddings(tmp_path, "tiny_mobilenet_64")["uri"].to_pylist()
     assert len(uris) == len(set(uris)) == 7 and summary.inputs == 7
+
+
+class LaggyFileSystem(LocalFileSystem):
+    """Local files seen as ``laggy://<path>``, each opened 20 ms late: a filesystem
+    that is not local, as an object store is to the pipeline."""
+
+    PREFIX = "laggy://"
+    opened_by: list[str] = []  # names of the threads that opened files
+
+    @classmethod
+    def scheme(cls):
+        return "laggy"
+
+    def match(self, patterns, limits=None):
+        results = super().match([pattern.removeprefix(self.PREFIX) for pattern in patterns], limits)
+        return [
+            MatchResult(
+                self.PREFIX + result.pattern,
+                [
+                    FileMetadata(self.PREFIX + found.path, found.size_in_bytes, found.last_updated_in_seconds)
+                    for found in result.metadata_list
+                ],
+            )
+            for result in results
+        ]
+
+    def open(self, path, *args, **kwargs):
+        LaggyFileSystem.opened_by.append(threading.current_thread().name)
+        time.sleep(0.02)
+        return super().open(path.removeprefix(self.PREFIX), *args, **kwargs)
+
+
+def test_files_on_a_remote_filesystem_give_the_rows_of_the_same_files_read_locally(
+    photo_dir, tiny_model_dir, tmp_path
+):
+    LaggyFileSystem.opened_by.clear()
+    by_name = {}
+    for where, pattern in (("local", f"{photo_dir}/*"), ("remote", f"laggy://{photo_dir}/*")):
+        summary = embed.run(
+            [f"--input={pattern}", f"--output={tmp_path / where}", f"--model={tiny_model_dir}"] + IN_PROCESS
+        )
+        assert summary.balanced and summary.inputs == 6
+        rows = embeddings(tmp_path / where, "tiny_mobilenet_64").sort_by("uri").to_pylist()
+        by_name[where] = {os.path.basename(row["uri"]): row for row in rows}
+    assert by_name["local"].keys() == by_name["remote"].keys()
+    for name, remote in by_name["remote"].items():
+        local = by_name["local"][name]
+        assert remote["uri"] == f"laggy://{local['uri']}" and remote["id"] == image_id(remote["uri"])
+        assert remote["sha256"] == local["sha256"] and remote["embedding"] == local["embedding"]
+    # Remote files are read ahead by the reader threads, not by the decoding thread.
+    assert len(LaggyFileSystem.opened_by) == 6
+    assert all(name.startswith("read-ahead") for name in LaggyFileSystem.opened_by)
 
 
 class FailsOnBrightImages(tf.Module):
