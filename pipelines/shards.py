@@ -153,8 +153,8 @@ def mixed_pieces(shards: dict[str, InputShard]) -> list[tuple[str, InputShard]]:
 
     Runners deal out work in the order it comes: the local runner gives a stage's
     elements to its workers round-robin. In shard order every shard's short last
-    piece went to the same worker, which then finished about 3% of the run after
-    the other (measured with 500-file shards and two workers)."""
+    piece went to the same worker, which then finished 3 s after the other in a
+    65 s run (500-file shards, two workers)."""
     pieces = [
         (key, number, piece) for key, shard in shards.items() for number, piece in enumerate(shard.pieces())
     ]
