@@ -94,12 +94,17 @@ def _local_files(shard: InputShard, limits: DecodeLimits):
         except OSError as error:
             return path, _read_failed(path, error)
 
-    for path, size in zip(shard.paths, shard.sizes, strict=True):
-        if len(opened) > READ_AHEAD_FILES:
+    try:
+        for path, size in zip(shard.paths, shard.sizes, strict=True):
+            if len(opened) > READ_AHEAD_FILES:
+                yield oldest()
+            opened.append(open_ahead(path, size))
+        while opened:
             yield oldest()
-        opened.append(open_ahead(path, size))
-    while opened:
-        yield oldest()
+    finally:  # a reader stopped early (a failed bundle) leaves no file open
+        for _, file in opened:
+            if not isinstance(file, ImageError):
+                file.close()
 
 
 def _files_in_threads(shard: InputShard, limits: DecodeLimits, reader: ThreadPoolExecutor):

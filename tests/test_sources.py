@@ -4,6 +4,7 @@ Local files are read in the decoding thread with the kernel reading ahead; files
 other filesystems by a pool of threads. Both give the same records."""
 
 import os
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
@@ -100,6 +101,16 @@ def test_local_reading_keeps_a_bounded_number_of_files_open(tmp_path):
     for _ in sources._local_files(shard, DecodeLimits()):
         most_open = max(most_open, len(os.listdir("/proc/self/fd")) - opened_before)
     assert 1 < most_open <= sources.READ_AHEAD_FILES + 1
+    assert len(os.listdir("/proc/self/fd")) == opened_before
+
+    # Stopped early (a failed bundle), it closes its files itself: no "unclosed file".
+    stopped_early = sources._local_files(shard, DecodeLimits())
+    next(stopped_early)
+    assert len(os.listdir("/proc/self/fd")) > opened_before
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        stopped_early.close()
+    assert not [warning for warning in caught if issubclass(warning.category, ResourceWarning)]
     assert len(os.listdir("/proc/self/fd")) == opened_before
 
 
