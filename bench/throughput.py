@@ -48,8 +48,8 @@ from corpus import write_corpus  # noqa: E402
 from measure import run_measured  # noqa: E402
 
 from imgembed.charts import bar_chart_svg  # noqa: E402
+from models.embedder import scale_pixels  # noqa: E402
 from models.loading import load_model, resolve_spec  # noqa: E402
-from pipelines.model_handler import scale_pixels  # noqa: E402
 from transforms.decode import DecodeLimits, decode_image  # noqa: E402
 from transforms.resize import Preprocessing  # noqa: E402
 

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from pipelines.model_handler import scale_pixels
+from models.embedder import scale_pixels
 from transforms.decode import DecodeLimits, ImageError, decode_image
 from transforms.resize import Preprocessing
 

@@ -129,7 +129,7 @@ def load_fast(
         return load_tensorflow()
     try:
         path = cached_tflite_file(spec)
-        fast = Embedder(spec, tflite.TFLiteModel(str(path), spec.flavour, threads))
+        fast = tflite.embedder(spec, str(path), threads)
         verdict = path.with_suffix(".verified.json")
         if verdict.exists():
             return fast

@@ -1,8 +1,8 @@
 """Beam ModelHandler for our Embedders, so RunInference does batching, model
 sharing, metrics and the dead-letter output.
 
-Examples are uint8 [S, S, 3] arrays; the batch is scaled to float32 [0, 1]
-here, the TF Hub image convention, right before the model call.
+Examples are uint8 [S, S, 3] arrays; the model scales the batch to float32
+[0, 1], the TF Hub image convention, as it runs (Embedder.embed_pixels).
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ from models.loading import load_model
 from models.registry import ModelSpec
 
 METRICS_NAMESPACE = "imgembed"
-
-
-def scale_pixels(batch: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] -> float32 [0, 1], the exact values every model sees."""
-    return np.divide(batch, 255.0, dtype=np.float32)
 
 
 class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]):
@@ -44,7 +39,7 @@ class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, Embedder]
         model: Embedder,
         inference_args: dict | None = None,
     ) -> Iterable[PredictionResult]:
-        vectors = model(scale_pixels(np.stack(batch)))
+        vectors = model.embed_pixels(np.stack(batch))
         return [
             PredictionResult(pixels, vector, self._spec.name)
             for pixels, vector in zip(batch, vectors, strict=True)

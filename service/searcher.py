@@ -25,7 +25,6 @@ from index.vectors import IndexInputError, prepare
 from models.errors import ModelLoadError
 from models.loading import load_model
 from models.registry import ModelSpec
-from pipelines.model_handler import scale_pixels
 from transforms.decode import DecodeLimits, ImageError, decode_image
 from transforms.resize import Preprocessing
 
@@ -169,7 +168,8 @@ class Searcher:
                 status = 413 if error.reason in ("file_too_large", "too_many_pixels") else 400
                 raise QueryError(status, error.reason, error.message) from None
             pixels = self.preprocessing.apply(image, size)
-            return self.model(scale_pixels(pixels[None]))
+            # The pipeline's own call: the same numbers as the corpus got.
+            return self.model.embed_pixels(pixels[None])
 
     def search_image(self, data: bytes, k: int, collapse: bool = False) -> list[dict]:
         self.check_k(k)

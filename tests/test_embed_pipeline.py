@@ -22,11 +22,11 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from models.embedded import graph_path
+from models.embedder import scale_pixels
 from models.loading import load_model, resolve_spec
 from models.registry import EMBEDDED_MODEL_NAME
 from pipelines import embed, outputs
 from pipelines.default_corpus import default_corpus_patterns
-from pipelines.model_handler import scale_pixels
 from pipelines.records import image_id, read_metadata
 from tests.images import photo_like, truncated_jpeg
 from transforms.decode import DecodeLimits, decode_image

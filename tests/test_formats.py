@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from models.embedder import scale_pixels
 from models.errors import ModelLoadError
 from models.labels import imagenet_labels
 from models.loading import resolve_spec
 from pipelines import embed, outputs
-from pipelines.model_handler import scale_pixels
 from tests import tiny_models
 from tests.images import photo_like
 from transforms.resize import Preprocessing, ResizeMode

@@ -17,11 +17,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from models.embedder import scale_pixels
 from models.errors import ModelLoadError
 from models.loading import check_available, load_model, resolve_spec
 from models.registry import EMBEDDED_MODEL_NAME, KNOWN_MODELS, Flavour
 from pipelines.default_corpus import default_corpus_patterns
-from pipelines.model_handler import scale_pixels
 from transforms.resize import Preprocessing, ResizeMode
 
 # ImageNet classes 282-286 of the 1001-way output are the domestic cats.
@@ -168,3 +168,32 @@ def test_fast_backend_is_converted_once_and_cached_by_content(tiny_model_dir, tm
     images = np.random.default_rng(3).random((3, 64, 64, 3), dtype=np.float32)
     reference = load_model(spec, backend="tensorflow")(images)
     np.testing.assert_allclose(first(images), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_embed_pixels_gives_exactly_the_vectors_of_scaled_images(tiny_model_dir, tmp_path, monkeypatch):
+    """The pipeline and the service hand models uint8 pixels; every backend must
+    give the bits it gives for scale_pixels(pixels), including the TFLite path
+    that scales straight into the interpreter's input buffer."""
+    from models import fast_backend, tflite
+    from tests.tiny_models import save_tflite
+
+    monkeypatch.setenv("IMGEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    pixels = np.random.default_rng(5).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    spec = resolve_spec(tiny_model_dir)
+    converted = load_model(spec, backend="tflite")
+    slim_file = load_model(resolve_spec(save_tflite(str(tmp_path / "slim.tflite"))))  # [-1, 1] input
+    tensorflow = load_model(spec, backend="tensorflow")
+    expected = {
+        name: model(scale_pixels(pixels))
+        for name, model in [("converted", converted), ("slim_file", slim_file), ("tensorflow", tensorflow)]
+    }
+
+    def no_float_copy(_):
+        raise AssertionError("the converted model should scale into its input buffer")
+
+    monkeypatch.setattr(tflite, "scale_pixels", no_float_copy)
+    assert fast_backend.uses_tflite(converted)
+    np.testing.assert_array_equal(converted.embed_pixels(pixels), expected["converted"])
+    monkeypatch.undo()
+    np.testing.assert_array_equal(slim_file.embed_pixels(pixels), expected["slim_file"])
+    np.testing.assert_array_equal(tensorflow.embed_pixels(pixels), expected["tensorflow"])
