@@ -20,12 +20,13 @@ in [0, 1] in, float32 [N, D] out.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import dataclasses
 import importlib
 import multiprocessing
 import os
 import re
+from collections.abc import Callable, Iterator
 
 from models.embedder import Embedder
 from models.errors import ModelLoadError
@@ -131,17 +132,54 @@ def check_available(spec: ModelSpec) -> None:
                 raise ModelLoadError(f"model file {part} does not exist")
 
 
-def resolve_and_check(references: list[str]) -> list[ModelSpec]:
-    """``resolve_spec`` then ``check_available`` for each reference, in a child process
-    unless all are the embedded model. Describing a model file or module loads it,
-    and checking a hub handle imports tensorflow_hub: either brings in TensorFlow
-    (~600 MB), which would then stay in the caller for good. A job's launcher has no
-    other use for it, and on the local runner it is where the shuffles are held."""
+@contextlib.contextmanager
+def checked_meanwhile(references: list[str]) -> Iterator[Callable[[], list[ModelSpec]]]:
+    """Starts ``resolve_spec`` then ``check_available`` for each reference, and yields
+    the call that collects the specs (or raises the error), so that the caller can
+    work meanwhile: a job's launcher lists its inputs. Leaving the block stops the
+    check if it is still running.
+
+    It runs in a fresh child process unless all are the embedded model. Describing
+    a model file or module loads it, and checking a hub handle imports tensorflow_hub:
+    either brings in TensorFlow (~600 MB), which would then stay in the caller for
+    good. A job's launcher has no other use for it, and on the local runner it is
+    where the shuffles are held."""
     if all(_is_embedded(reference) for reference in references):
-        return _resolve_and_check(references)
+        yield lambda: _resolve_and_check(references)
+        return
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of ours is copied
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as child:
-        return child.submit(_resolve_and_check, references).result()
+    receive, send = spawn.Pipe(duplex=False)
+    child = spawn.Process(target=_check_and_send, args=(references, send), daemon=True)
+    child.start()
+    send.close()  # the child holds the only sending end: its death ends the pipe
+
+    def collect() -> list[ModelSpec]:
+        try:
+            succeeded, value = receive.recv()
+        except EOFError:
+            child.join()
+            raise ModelLoadError(
+                f"the process checking {', '.join(references)} died (exit code {child.exitcode}) "
+                "before it answered"
+            ) from None
+        if succeeded:
+            return value
+        raise value
+
+    try:
+        yield collect
+    finally:
+        child.terminate()  # a no-op once it has sent its answer and exited
+        child.join()
+        receive.close()
+
+
+def _check_and_send(references: list[str], send) -> None:
+    try:
+        answer = (True, _resolve_and_check(references))
+    except Exception as error:  # sent to the parent, which raises it
+        answer = (False, error)
+    send.send(answer)
 
 
 def _is_embedded(reference: str) -> bool:

@@ -44,7 +44,7 @@ from apache_beam.options.pipeline_options import (
 from imgembed.units import parse_size
 from models import labels
 from models.errors import ModelLoadError
-from models.loading import BACKENDS, resolve_and_check
+from models.loading import BACKENDS, checked_meanwhile
 from models.registry import EMBEDDED_MODEL_NAME, Flavour, ModelSpec
 from pipelines import outputs
 from pipelines.dead_letters import ERRORS, METRICS_NAMESPACE
@@ -56,7 +56,7 @@ from pipelines.shards import (
     InputError,
     InputFormat,
     InputShard,
-    mixed_pieces,
+    pieces_largest_first,
     plan_shards,
     settings_key,
     shard_key,
@@ -241,7 +241,7 @@ class EmbedConfig:
         if not 0 <= options.thumbnail_size <= 1024:
             raise ValueError(f"--thumbnail-size must be between 0 and 1024, got {options.thumbnail_size}")
         # Cheap checks first, so a typo is reported before inputs are listed or a
-        # model is downloaded.
+        # model is downloaded; then those two at once (a big bucket lists for minutes).
         preprocessing = Preprocessing(options.resize, options.central_fraction, not options.exact_jpeg_decode)
         limits = DecodeLimits(
             max_file_bytes=parse_size(options.max_file_bytes),
@@ -251,8 +251,9 @@ class EmbedConfig:
             raise ValueError(f"--files-per-shard must be at least 1, got {options.files_per_shard}")
         input_format = InputFormat.parse(options.input_format)
         patterns = options.inputs or default_corpus_patterns()
-        shards = tuple(plan_shards(patterns, input_format, options.files_per_shard))
-        models = tuple(resolve_and_check(options.models or [EMBEDDED_MODEL_NAME]))
+        with checked_meanwhile(options.models or [EMBEDDED_MODEL_NAME]) as checked_models:
+            shards = tuple(plan_shards(patterns, input_format, options.files_per_shard))
+            models = tuple(checked_models())
         names = [model.name for model in models]
         if len(set(names)) != len(names):
             raise ValueError(
@@ -382,7 +383,7 @@ def schemas(config: EmbedConfig) -> dict:
 def build_pipeline(pipeline: beam.Pipeline, config: EmbedConfig, pending: dict[str, InputShard]) -> None:
     read = (
         pipeline
-        | "Pieces" >> beam.Create(mixed_pieces(pending), reshuffle=False)
+        | "Pieces" >> beam.Create(pieces_largest_first(pending), reshuffle=False)
         # Spread the pieces over the workers before reading them.
         | "Spread" >> beam.Reshuffle()
         | "ReadShards"

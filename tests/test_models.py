@@ -197,3 +197,30 @@ def test_embed_pixels_gives_exactly_the_vectors_of_scaled_images(tiny_model_dir,
     monkeypatch.undo()
     np.testing.assert_array_equal(slim_file.embed_pixels(pixels), expected["slim_file"])
     np.testing.assert_array_equal(tensorflow.embed_pixels(pixels), expected["tensorflow"])
+
+
+def test_model_check_runs_beside_the_caller_and_stops_when_abandoned(tiny_model_dir):
+    import multiprocessing
+    import signal
+
+    from models.loading import checked_meanwhile
+
+    with checked_meanwhile([tiny_model_dir]) as specs:
+        assert len(multiprocessing.active_children()) == 1  # describing it loads TensorFlow there
+        (spec,) = specs()
+    assert (spec.image_size, spec.output_dim) == (64, 256)
+    assert multiprocessing.active_children() == []
+
+    # The caller fails (say, an input pattern matches nothing) while the check is
+    # still importing TensorFlow: the check is stopped, not waited for.
+    with pytest.raises(InterruptedError), checked_meanwhile([tiny_model_dir]):
+        (child,) = multiprocessing.active_children()
+        raise InterruptedError
+    assert child.exitcode == -signal.SIGTERM
+    assert multiprocessing.active_children() == []
+
+    with (
+        pytest.raises(ModelLoadError, match="Unknown model"),
+        checked_meanwhile([tiny_model_dir + ".h5"]) as specs,
+    ):
+        specs()

@@ -7,10 +7,11 @@ import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from pipelines import sources
-from pipelines.shards import InputShard, mixed_pieces
+from pipelines.shards import InputShard, pieces_largest_first
 from transforms.decode import DecodeLimits, ImageError
 
 
@@ -114,21 +115,32 @@ def test_local_reading_keeps_a_bounded_number_of_files_open(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == opened_before
 
 
-def test_pieces_are_mixed_so_round_robin_workers_get_even_shares():
-    # 40 shards of 500 files: 15 pieces of 32 files and one of 20 each.
+def test_pieces_dealt_round_robin_largest_first_give_workers_even_bytes():
+    # 40 shards of 500 photos, 20 KB to 5 MB: 15 pieces of 32 files and one of 20 each.
+    rng = np.random.default_rng(0)
     shards = {
         f"shard{number:02d}": InputShard(
-            "files", tuple(f"/{number}/{file}.jpg" for file in range(500)), (1,) * 500
+            "files",
+            tuple(f"/{number}/{file}.jpg" for file in range(500)),
+            tuple(int(size) for size in np.exp(rng.uniform(np.log(20e3), np.log(5e6), 500))),
         )
         for number in range(40)
     }
-    pieces = mixed_pieces(shards)
-    assert pieces == mixed_pieces(shards)  # the same order on every run
+    pieces = pieces_largest_first(shards)
+    assert pieces == pieces_largest_first(dict(reversed(shards.items())))  # one order, every run
     assert sorted(path for _, piece in pieces for path in piece.paths) == sorted(
         path for shard in shards.values() for path in shard.paths
     )
     assert all(set(piece.paths) <= set(shards[key].paths) for key, piece in pieces)
-    # The local runner deals a stage's elements to its workers round-robin.
-    for workers in (2, 4):
-        shares = [sum(len(piece.paths) for _, piece in pieces[worker::workers]) for worker in range(workers)]
-        assert max(shares) - min(shares) <= 0.01 * 20_000 / workers, shares
+    piece_bytes = [sum(piece.sizes) for _, piece in pieces]
+
+    def spread(order, workers):
+        """The local runner deals a stage's elements to its workers round-robin."""
+        shares = [sum(order[worker::workers]) for worker in range(workers)]
+        return max(shares) - min(shares)
+
+    bound = max(piece_bytes) - min(piece_bytes)  # 0.5% of a share for two workers
+    in_shard_order = [sum(piece.sizes) for shard in shards.values() for piece in shard.pieces()]
+    for workers in (2, 3, 4):
+        assert spread(piece_bytes, workers) <= bound
+        assert spread(in_shard_order, workers) > bound  # 1.4% to 16% of a share
