@@ -63,6 +63,32 @@ def test_parts_are_joined_into_one_file_sorted_by_uri_and_removed(tmp_path):
     assert not (tmp_path / outputs.PARTS / KEY).exists()
 
 
+def test_interleaved_shards_get_whole_parts_while_held_rows_stay_bounded(tmp_path):
+    """Pieces of many shards arrive mixed: each shard's rows are written when it has
+    a part's worth, and all of them once the rows held reach the byte bound."""
+    rows = [(f"shard{number % 4}", row(f"{number:03d}")) for number in range(40)]
+
+    def run(max_held_rows: int) -> tuple[list[dict], int]:
+        writer = outputs.WriteParts(
+            str(tmp_path), "m", SCHEMA, rows_per_part=3, max_held_bytes=max_held_rows * row_bytes
+        )
+        writer.start_bundle()
+        parts, most_held = [], 0
+        for done, element in enumerate(rows, 1):
+            parts += [part for _, part in writer.process(element)]
+            most_held = max(most_held, done - sum(part["rows"] for part in parts))
+        parts += [windowed.value[1] for windowed in writer.finish_bundle()]
+        assert sum(part["rows"] for part in parts) == len(rows)
+        return parts, most_held
+
+    row_bytes = outputs._row_bytes(rows[0][1])
+    parts, most_held = run(max_held_rows=1000)
+    assert [part["rows"] for part in parts] == [3] * 12 + [1] * 4  # 10 rows a shard
+    assert most_held == 4 * 2  # at most 2 rows a shard wait for their part
+    parts, most_held = run(max_held_rows=6)
+    assert most_held < 6  # reaching 6 rows of bytes wrote them all
+
+
 def test_a_shard_whose_rows_and_errors_miss_an_input_is_not_written(tmp_path):
     parts = write_parts(str(tmp_path), [row("a"), row("b")], rows_per_part=10)
     with pytest.raises(outputs.AccountingError, match="3 inputs but 2 rows"):
