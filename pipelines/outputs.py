@@ -179,13 +179,16 @@ class WriteParts(beam.DoFn):
 
     def start_bundle(self):
         self._rows: dict[str, list[dict]] = defaultdict(list)
+        self._bytes: dict[str, int] = defaultdict(int)  # of each shard's rows held
         self._held_bytes = 0
 
     def process(self, element):
         key, row = element
         rows = self._rows[key]
         rows.append(row)
-        self._held_bytes += _row_bytes(row)
+        size = _row_bytes(row)
+        self._bytes[key] += size
+        self._held_bytes += size
         if len(rows) >= self._rows_per_part:
             yield from self._write_parts([key])
         elif self._held_bytes >= self._max_held_bytes:
@@ -198,7 +201,7 @@ class WriteParts(beam.DoFn):
     def _write_parts(self, keys: list[str]):
         for key in keys:
             rows = self._rows.pop(key)
-            self._held_bytes -= sum(_row_bytes(row) for row in rows)
+            self._held_bytes -= self._bytes.pop(key)
             folder = parts_folder(self._output_dir, key)
             path = FileSystems.join(folder, f"{self._model}-{uuid.uuid4().hex}{PARQUET_SUFFIX}")
             # No rename needed (a costly copy on object stores): a part is named
