@@ -278,7 +278,12 @@ def test_the_page_uploads_an_image_and_shows_the_neighbour_grid(server):
         cards = page.locator(".hit")
         assert cards.count() == 12
         assert cards.first.locator(".name").text_content() == "coffee.png"
-        assert cards.first.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
+        # The thumbnail arrives after its card: wait for it (a broken one never loads and times out).
+        page.wait_for_function(
+            "(() => { const img = document.querySelector('.hit').querySelector('img');"
+            " return img !== null && img.complete && img.naturalWidth > 0; })()",
+            timeout=30_000,
+        )
         second = cards.nth(1).locator(".name").text_content()
         cards.nth(1).click()
         page.wait_for_function(
