@@ -15,11 +15,14 @@ For each model it measures
   last about a minute at the ceiling); plus wall time and peak RSS;
 - the straightforward RunInference pipeline (bench/baseline_pipeline.py) the same way,
   on the corpus as it is;
+- optionally, the pipeline at several --batch-size values, and its peak RSS on 10k and
+  on 100k images;
 and prints pipeline / ceiling and pipeline / baseline.
 
     .venv/bin/python bench/throughput.py                       # 1200 generated photos
     .venv/bin/python bench/throughput.py --images ../shared/images/imagenet_val_1300
     .venv/bin/python bench/throughput.py --memory-check        # peak RSS: 10k vs 100k images
+    .venv/bin/python bench/throughput.py --batch-sweep 8,32,128  # the pipeline by --batch-size
 
 Writes docs/benchmarks/throughput.md and throughput.svg. Not a test: timings depend on
 the machine and on what else runs on it.
@@ -33,6 +36,8 @@ import json
 import multiprocessing
 import os
 import pathlib
+import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -248,6 +253,39 @@ def steady_rate(command_for, small: list[str], large: list[str], work: str, name
     }
 
 
+def imgembed_command(reference: str, *flags: str):
+    """``imgembed embed`` with its defaults (and ``flags``) on a folder, as a user runs it."""
+
+    def command(folder: str, output: str) -> list[str]:
+        return [
+            *(os.path.join(BIN, "imgembed"), "embed", "--input", folder, "--output", output),
+            *("--model", reference, "--overwrite", *flags),
+        ]
+
+    return command
+
+
+def steady_corpus(paths: list[str], ceiling: float) -> tuple[list[str], list[str]]:
+    """The small and large runs of steady_rate: the corpus, cycled if it is too short
+    to run for STEADY_SECONDS at the ceiling, and its first quarter."""
+    count = max(len(paths), round(ceiling * STEADY_SECONDS))
+    large = [paths[number % len(paths)] for number in range(count)]
+    return large[: count // 4], large
+
+
+def batch_sweep(result: dict, paths: list[str], work: str, sizes: list[int]) -> list[dict]:
+    """The pipeline's steady images/s at several ``--batch-size`` values, on the model
+    of ``result`` (bench_model's): what the default batch size rests on."""
+    small, large = steady_corpus(paths, result["ceiling"])
+    rows = []
+    for size in sizes:
+        command = imgembed_command(result["reference"], "--batch-size", str(size))
+        rate = steady_rate(command, small, large, work, f"{result['model']}-batch{size}")
+        rows.append({"model": result["model"], "batch_size": size, **rate})
+        print(json.dumps(rows[-1], default=float), flush=True)
+    return rows
+
+
 def bench_model(label: str, reference: str, paths: list[str], work: str) -> dict:
     spec = resolve_spec(reference)
     images = model_batch(reference, paths)
@@ -256,24 +294,9 @@ def bench_model(label: str, reference: str, paths: list[str], work: str) -> dict
     decode_seconds = decode_core_seconds(paths, spec.image_size)
     model_seconds = model_core_seconds(reference, best["backend"], images, best["images_per_sec"])
     ceiling = CORES / (model_seconds + decode_seconds)
-    # The corpus, cycled if it is too short to run for STEADY_SECONDS at the ceiling.
-    count = max(len(paths), round(ceiling * STEADY_SECONDS))
-    large = [paths[number % len(paths)] for number in range(count)]
-    small = large[: count // 4]
+    small, large = steady_corpus(paths, ceiling)
 
-    def ours(folder, output):
-        return [
-            os.path.join(BIN, "imgembed"),
-            "embed",
-            "--input",
-            folder,
-            "--output",
-            output,
-            "--model",
-            reference,
-            "--overwrite",
-        ]
-
+    ours = imgembed_command(reference)
     saved_model = baseline_savedmodel(reference, work)
 
     def baseline(folder, output):
@@ -330,11 +353,28 @@ def memory_check(work: str, counts=(10_000, 100_000), distinct: int = 1000) -> l
     return rows
 
 
-def markdown(results: list[dict], corpus: str, command: str, memory: list[dict] | None) -> str:
+def cpu_description() -> str:
+    """The processor's name and widest SIMD extension. Every speed in the report depends
+    on them: on two 2-core machines of ours TensorFlow ran 1.0_224 at 124 and 38 images/s."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            text = cpuinfo.read()
+    except OSError:
+        return platform.processor() or "unknown processor"
+    name = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    flags_line = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)  # x86 only
+    flags = set(flags_line.group(1).split()) if flags_line else set()
+    simd = next((flag.upper() for flag in ("avx512f", "avx2", "avx", "sse4_2") if flag in flags), "")
+    return ", ".join(part for part in (name.group(1) if name else "unknown processor", simd) if part)
+
+
+def markdown(
+    results: list[dict], corpus: str, command: str, memory: list[dict] | None, batches: list[dict]
+) -> str:
     lines = [
         "# Throughput: pipeline against the hardware ceiling",
         "",
-        f"{CORES} cores; corpus: {corpus}. Command: `{command}`",
+        f"{CORES} cores ({cpu_description()}); corpus: {corpus}. Command: `{command}`",
         "",
         "Core-seconds per image measured with every core busy (one process per core), "
         f"each speed the best of {REPEATS} tries ({PIPELINE_TRIES} for pipelines).",
@@ -366,6 +406,18 @@ def markdown(results: list[dict], corpus: str, command: str, memory: list[dict] 
                 f"| {r['model']} | {rate['backend']} | {rate['threads']} | {rate['images_per_sec']:.1f} | "
                 f"{rate['core_seconds'] * 1000:.2f} ms |"
             )
+    if batches:
+        lines += [
+            "",
+            "The pipeline (steady images/s, as above) by `--batch-size` (default 32):",
+            "",
+            "| model | batch size | pipeline (steady) | peak RSS |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {b['model']} | {b['batch_size']} | {b['images_per_sec']:.0f}/s | {b['peak_rss'] / 2**20:.0f} MiB |"
+            for b in batches
+        ]
     if memory:
         lines += [
             "",
@@ -390,6 +442,11 @@ def main() -> int:
     )
     parser.add_argument("--models", default="1.0_224,0.25_224")
     parser.add_argument("--memory-check", action="store_true", help="also run 10k and 100k images (slow)")
+    parser.add_argument(
+        "--batch-sweep",
+        default="",
+        help="also run the pipeline at these --batch-size values on the last of --models (e.g. 8,32,128)",
+    )
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks", "throughput.md"))
     args = parser.parse_args()
@@ -402,11 +459,13 @@ def main() -> int:
         paths = write_corpus(os.path.join(work, "corpus"), args.count)
         corpus = f"{len(paths)} generated photo-like JPEGs, 300 to 4000 px on the long side"
     results = [bench_model(label, models[label], paths, work) for label in args.models.split(",")]
+    sizes = [int(size) for size in args.batch_sweep.split(",") if size]
+    batches = batch_sweep(results[-1], paths, work, sizes) if sizes else []
     memory = memory_check(work) if args.memory_check else None
     command = "python bench/throughput.py " + " ".join(sys.argv[1:])
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as file:
-        file.write(markdown(results, corpus, command.strip(), memory))
+        file.write(markdown(results, corpus, command.strip(), memory, batches))
     chart = bar_chart_svg(
         "images/s on this machine",
         [
