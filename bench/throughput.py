@@ -355,7 +355,7 @@ def memory_check(work: str, counts=(10_000, 100_000), distinct: int = 1000) -> l
 
 def cpu_description() -> str:
     """The processor's name and widest SIMD extension. Every speed in the report depends
-    on them: on two 2-core machines of ours TensorFlow ran 1.0_224 at 124 and 38 images/s."""
+    on them: on two 2-core machines of ours TensorFlow ran 1.0_224 at 124 and 36 to 39 images/s."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             text = cpuinfo.read()
