@@ -6,7 +6,14 @@ Versions here are ranges; constraints.txt pins the exact set that was tested
 
 import pathlib
 
-from setuptools import find_packages, setup
+from setuptools import setup
+
+# One installed package, ``imgembed``. Its layers keep their folders at the top of
+# the repository (pipelines/, transforms/, index/, models/, service/), each mapped
+# onto a subpackage: imgembed.pipelines is ./pipelines, and so on.
+TOP_LEVEL_FOLDERS = ("transforms", "models", "pipelines", "index", "service")
+PACKAGE_DIR = {"imgembed": "imgembed", "imgembed.common": "imgembed/common"}
+PACKAGE_DIR |= {f"imgembed.{folder}": folder for folder in TOP_LEVEL_FOLDERS}
 
 setup(
     name="imgembed",
@@ -16,8 +23,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["imgembed", "models", "transforms", "pipelines", "index", "service"]),
-    package_data={"service": ["page.html"], "models": ["imagenet_labels.txt"]},
+    packages=list(PACKAGE_DIR),
+    package_dir=PACKAGE_DIR,
+    package_data={"imgembed.service": ["page.html"], "imgembed.models": ["imagenet_labels.txt"]},
     install_requires=[
         "apache-beam[gcp]>=2.60,<3",
         "tensorflow>=2.16,<2.22",

@@ -17,7 +17,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tests.images import photo_like  # noqa: E402
+from fixtures.images import photo_like  # noqa: E402
 
 DRAW_SIDE = 640
 

@@ -31,12 +31,12 @@ sys.path[:0] = [REPO, os.path.join(REPO, "bench")]
 
 from measure import run_measured  # noqa: E402
 
-from imgembed.units import format_size  # noqa: E402
-from index import store  # noqa: E402
-from index.evaluate import exact_neighbours, recall  # noqa: E402
-from index.reader import EmbeddingSource  # noqa: E402
-from index.synthetic import write_synthetic_embeddings  # noqa: E402
-from index.vectors import Metric, prepare  # noqa: E402
+from fixtures.synthetic_vectors import write_synthetic_embeddings  # noqa: E402
+from imgembed.common.units import format_size  # noqa: E402
+from imgembed.index import store  # noqa: E402
+from imgembed.index.evaluate import exact_neighbours, recall  # noqa: E402
+from imgembed.index.reader import EmbeddingSource  # noqa: E402
+from imgembed.index.vectors import Metric, prepare  # noqa: E402
 
 AUTOFAISS_VENV = os.path.join(REPO, "bench", ".venv-autofaiss")
 AUTOFAISS_VERSION = "2.18.0"

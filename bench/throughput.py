@@ -52,11 +52,11 @@ sys.path[:0] = [REPO, os.path.join(REPO, "bench")]
 from corpus import write_corpus  # noqa: E402
 from measure import run_measured  # noqa: E402
 
-from imgembed.charts import bar_chart_svg  # noqa: E402
-from models.embedder import scale_pixels  # noqa: E402
-from models.loading import load_model, resolve_spec  # noqa: E402
-from transforms.decode import DecodeLimits, decode_image  # noqa: E402
-from transforms.resize import Preprocessing  # noqa: E402
+from imgembed.common.charts import bar_chart_svg  # noqa: E402
+from imgembed.models.embedder import scale_pixels  # noqa: E402
+from imgembed.models.loading import load_model, resolve_spec  # noqa: E402
+from imgembed.transforms.decode import DecodeLimits, decode_image  # noqa: E402
+from imgembed.transforms.resize import Preprocessing  # noqa: E402
 
 CORES = os.cpu_count() or 1
 BIN = os.path.dirname(sys.executable)
@@ -75,7 +75,7 @@ def prepare_models(work: str) -> dict[str, str]:
     """1.0_224: the embedded real weights. 0.25_224: MobileNet V1 0.25 at 224 with
     seeded weights (same layers and FLOPs as TF Hub's mobilenet_v1_025_224, which
     cannot be downloaded here)."""
-    from tests.tiny_models import save_tf2_module
+    from fixtures.tiny_models import save_tf2_module
 
     small = os.path.join(work, "mobilenet_v1_025_224_seeded")
     if not os.path.exists(small):
@@ -90,7 +90,7 @@ def baseline_savedmodel(reference: str, work: str) -> str:
     spec = resolve_spec(reference)
     if spec.format.value == "hub":
         return spec.source
-    from models.frozen_graph import load_module
+    from imgembed.models.frozen_graph import load_module
 
     path = os.path.join(work, f"{spec.name}_savedmodel")
     if not os.path.exists(path):

@@ -13,19 +13,22 @@ import sys
 
 # subcommand: (module with main(argv) -> exit code, one-line help)
 COMMANDS = {
-    "embed": ("pipelines.embed", "embed image files into Parquet with a MobileNet V1 model (Beam)"),
-    "index": ("index.command", "build a FAISS index from embeddings (or --add to one), with measured recall"),
-    "serve": ("service.command", "serve nearest-neighbour search (HTTP + web page) over an index"),
-    "query": ("service.query", "nearest neighbours from the command line (by id, image or vector)"),
+    "embed": ("imgembed.pipelines.embed", "embed image files into Parquet with a MobileNet V1 model (Beam)"),
+    "index": (
+        "imgembed.index.command",
+        "build a FAISS index from embeddings (or --add to one), with measured recall",
+    ),
+    "serve": ("imgembed.service.command", "serve nearest-neighbour search (HTTP + web page) over an index"),
+    "query": ("imgembed.service.query", "nearest neighbours from the command line (by id, image or vector)"),
     "quantize": (
-        "models.quantize",
+        "imgembed.models.quantize",
         "post-training int8 quantization of a model to TFLite, with a fidelity report",
     ),
     "compare": (
-        "models.compare",
+        "imgembed.models.compare",
         "compare model variants on the same images: speed, size, kNN agreement, top-1",
     ),
-    "models": ("models.catalogue", "list the models known by short name"),
+    "models": ("imgembed.models.catalogue", "list the models known by short name"),
 }
 
 USAGE = "usage: imgembed <command> [flags]   (imgembed <command> --help for its flags)\n\n" + "\n".join(

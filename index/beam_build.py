@@ -23,10 +23,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from index.build import add_locally
-from index.faiss_index import add_vectors, is_ivf, merge_shard
-from index.reader import EmbeddingFile, EmbeddingSource
-from index.vectors import Metric, prepare
+from imgembed.index.build import add_locally
+from imgembed.index.faiss_index import add_vectors, is_ivf, merge_shard
+from imgembed.index.reader import EmbeddingFile, EmbeddingSource
+from imgembed.index.vectors import Metric, prepare
 
 _log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class AddFileToShard(beam.DoFn):
         self._empty = _read_index(self._empty_index_path)
         self._transform = None
         if self._transform_dir:
-            from transforms.embedding_transform import EmbeddingTransform
+            from imgembed.transforms.embedding_transform import EmbeddingTransform
 
             self._transform = EmbeddingTransform(self._transform_dir)
 

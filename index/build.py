@@ -23,14 +23,14 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from imgembed import __version__
-from index import store
-from index.choose import IndexPlan, choose_index, nlist_for
-from index.duplicates import write_duplicates
-from index.evaluate import QuerySet, exact_neighbours, latency, recall, recall_report, tune
-from index.faiss_index import add_vectors, is_ivf, new_index, search_param_grid, set_search_params
-from index.reader import EmbeddingSource
-from index.vectors import IndexInputError, Metric, prepare
-from transforms.embedding_transform import TransformOptions
+from imgembed.index import store
+from imgembed.index.choose import IndexPlan, choose_index, nlist_for
+from imgembed.index.duplicates import write_duplicates
+from imgembed.index.evaluate import QuerySet, exact_neighbours, latency, recall, recall_report, tune
+from imgembed.index.faiss_index import add_vectors, is_ivf, new_index, search_param_grid, set_search_params
+from imgembed.index.reader import EmbeddingSource
+from imgembed.index.vectors import IndexInputError, Metric, prepare
+from imgembed.transforms.embedding_transform import TransformOptions
 
 _log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def attach_transform(
 ) -> tuple[EmbeddingSource, dict]:
     """Runs the tf.Transform full pass next to the embeddings, copies the graph into
     the index folder, and returns the source seen through it."""
-    from transforms.embedding_transform import EmbeddingTransform, analyze
+    from imgembed.transforms.embedding_transform import EmbeddingTransform, analyze
 
     options = config.transform
     next_to_embeddings = FileSystems.join(os.path.dirname(raw.files[0].path), options.folder_name)

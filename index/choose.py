@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from imgembed.units import format_size
+from imgembed.common.units import format_size
 
 FLAT_MAX_VECTORS = 100_000
 HNSW_MAX_VECTORS = 1_000_000

@@ -13,12 +13,12 @@ import argparse
 import functools
 import sys
 
-from imgembed.units import format_size, parse_size
-from index import store
-from index.build import IndexConfig, add_locally, add_to_index, build
-from index.reader import EmbeddingSource
-from index.vectors import IndexInputError, Metric
-from transforms.embedding_transform import TransformOptions
+from imgembed.common.units import format_size, parse_size
+from imgembed.index import store
+from imgembed.index.build import IndexConfig, add_locally, add_to_index, build
+from imgembed.index.reader import EmbeddingSource
+from imgembed.index.vectors import IndexInputError, Metric
+from imgembed.transforms.embedding_transform import TransformOptions
 
 # Without --runner, distributed builds use every local core.
 DEFAULT_RUNNER_ARGS = [
@@ -153,7 +153,7 @@ def main(argv: list[str]) -> int:
         )
         add = add_locally
         if args.distributed:
-            from index.beam_build import add_with_beam
+            from imgembed.index.beam_build import add_with_beam
 
             add = functools.partial(add_with_beam, pipeline_args=beam_args, temp_location=args.temp_location)
         if args.add:

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from index.reader import EmbeddingSource
-from index.vectors import Metric, prepare
+from imgembed.index.reader import EmbeddingSource
+from imgembed.index.vectors import Metric, prepare
 
 # Neighbours looked at per row; larger clusters still join through their members.
 NEIGHBOURS = 10

@@ -16,8 +16,8 @@ import faiss
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from index.reader import EmbeddingSource
-from index.vectors import Metric, prepare
+from imgembed.index.reader import EmbeddingSource
+from imgembed.index.vectors import Metric, prepare
 
 RECALL_KS = (1, 10, 100)
 LATENCY_QUERIES = 200

@@ -12,15 +12,15 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from index.choose import IndexPlan
-from index.vectors import Metric
+from imgembed.index.choose import IndexPlan
+from imgembed.index.vectors import Metric
 
 
 def new_index(plan: IndexPlan, dim: int, metric: Metric) -> faiss.Index:
     index = faiss.index_factory(dim, plan.factory, metric.faiss_metric)
     if isinstance(faiss.downcast_index(index), faiss.IndexIVFPQ):
-        # Polysemous training costs ~40 s whatever the data size and we never use
-        # polysemous search (PLATFORM.md).
+        # index_factory turns on polysemous training for PQ, which costs ~40 s
+        # whatever the data size (5 s without); we never use polysemous search.
         faiss.downcast_index(index).do_polysemous_training = False
     return index
 

@@ -21,11 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from index.vectors import IndexInputError
-from pipelines.outputs import PARQUET_SUFFIX, list_files
-from pipelines.records import read_metadata
+from imgembed.common.embedding_files import EMBEDDING_COLUMN, PARQUET_SUFFIX, embeddings_glob, read_metadata
+from imgembed.common.storage import list_files
+from imgembed.index.vectors import IndexInputError
 
-EMBEDDING_COLUMN = "embedding"
 # Rows per batch read: 65536 x 1024 floats is 256 MiB at most.
 BATCH_ROWS = 65536
 
@@ -54,7 +53,9 @@ class EmbeddingSource:
     def __init__(self, folders: str | Sequence[str], first_id: int = 0, skip_paths: Sequence[str] = ()):
         """All embedding files under ``folders`` except ``skip_paths``, numbered from ``first_id``."""
         folders = [folders] if isinstance(folders, str) else list(folders)
-        paths = [p for folder in folders for p in list_files(_glob(folder)) if p not in set(skip_paths)]
+        paths = [
+            p for folder in folders for p in list_files(embeddings_glob(folder)) if p not in set(skip_paths)
+        ]
         if not paths and not skip_paths:
             raise IndexInputError(
                 f"no embeddings-*{PARQUET_SUFFIX} under {', '.join(folders)}: expected the folder "
@@ -165,10 +166,6 @@ class EmbeddingSource:
 
 def _model_name(metadata: dict) -> str | None:
     return metadata.get("model", {}).get("name")
-
-
-def _glob(folder: str) -> str:
-    return FileSystems.join(folder.rstrip("/"), f"embeddings-*{PARQUET_SUFFIX}")
 
 
 def _footer(path: str) -> tuple[pa.Schema, int]:

@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from index.faiss_index import set_search_params
-from index.reader import EmbeddingSource
-from index.vectors import IndexInputError, Metric
+from imgembed.index.faiss_index import set_search_params
+from imgembed.index.reader import EmbeddingSource
+from imgembed.index.vectors import IndexInputError, Metric
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -95,7 +95,7 @@ class LoadedIndex:
         """The tf.Transform graph raw embeddings go through before this index, or None."""
         if not self.manifest.get("transform"):
             return None
-        from transforms.embedding_transform import EmbeddingTransform
+        from imgembed.transforms.embedding_transform import EmbeddingTransform
 
         return EmbeddingTransform(path(self.directory, self.manifest["transform"]["directory"]))
 

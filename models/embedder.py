@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models.registry import ModelSpec
+from imgembed.models.registry import ModelSpec
 
 
 def scale_pixels(pixels: np.ndarray) -> np.ndarray:
@@ -40,7 +40,8 @@ class Embedder:
     ):
         self.spec = spec
         self._call = call
-        # Whatever owns the weights must outlive the call (see PLATFORM.md).
+        # Whatever owns the weights must outlive the call: a loaded SavedModel whose
+        # module object is garbage-collected makes its functions fail when called.
         self._keep_alive = keep_alive
         self._call_pixels = call_pixels
 

@@ -11,9 +11,9 @@ import os
 
 import numpy as np
 
-from models.embedder import scale_pixels
-from transforms.decode import DecodeLimits, ImageError, decode_image
-from transforms.resize import Preprocessing
+from imgembed.models.embedder import scale_pixels
+from imgembed.transforms.decode import DecodeLimits, ImageError, decode_image
+from imgembed.transforms.resize import Preprocessing
 
 KNN = 10
 

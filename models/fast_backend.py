@@ -8,7 +8,7 @@ TensorFlow's (cosine >= PROBE_COSINE) does the TFLite model replace it, and the
 verdict is cached beside it, so later loads need neither TensorFlow nor the
 check. Otherwise the TensorFlow model is used and the reason is logged.
 
-    embedder = load_fast(spec, load_tensorflow)   # TFLite, or TensorFlow if the check failed
+    embedder = load_fast(spec, load_tensorflow, trace)   # TFLite, or TensorFlow if the check failed
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models import tflite
-from models.embedder import Embedder
-from models.errors import ModelLoadError
-from models.registry import Format, ModelSpec
+from imgembed.models import tflite
+from imgembed.models.embedder import Embedder
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.registry import Format, ModelSpec
 
 _log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def cache_dir() -> pathlib.Path:
 def _model_files(spec: ModelSpec) -> list[pathlib.Path]:
     """The files whose bytes define the model."""
     if spec.format is Format.FROZEN_GRAPH:
-        from models.embedded import graph_file
+        from imgembed.models.embedded import graph_file
 
         return [graph_file(spec.source)]
     if spec.format is Format.KERAS:
@@ -55,7 +55,7 @@ def _model_files(spec: ModelSpec) -> list[pathlib.Path]:
         return sorted(path for path in pathlib.Path(spec.source).rglob("*") if path.is_file())
     import tensorflow_hub as hub
 
-    from models.hub_modules import hub_errors
+    from imgembed.models.hub_modules import hub_errors
 
     with hub_errors(spec.source):
         folder = pathlib.Path(hub.resolve(spec.source))
@@ -75,23 +75,22 @@ def content_hash(spec: ModelSpec) -> str:
     return digest.hexdigest()[:32]
 
 
-def convert_to_float_tflite(spec: ModelSpec) -> bytes:
-    """A float TFLite flatbuffer computing the model on one [0, 1] image."""
+def convert_to_float_tflite(trace: Callable[[], tuple]) -> bytes:
+    """A float TFLite flatbuffer computing the model on one [0, 1] image;
+    ``trace()`` gives the model's traceable function and what keeps it alive."""
     import tensorflow as tf
 
-    from models.quantize import traceable_function
-
-    function, keep_alive = traceable_function(spec)
+    function, keep_alive = trace()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([function], keep_alive)
     data = converter.convert()
     return tflite.add_metadata(data, tflite.INPUT_RANGE_METADATA, tflite.UNIT_RANGE)
 
 
-def cached_tflite_file(spec: ModelSpec) -> pathlib.Path:
+def cached_tflite_file(spec: ModelSpec, trace: Callable[[], tuple]) -> pathlib.Path:
     path = cache_dir() / f"{spec.name}-{content_hash(spec)}.tflite"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = convert_to_float_tflite(spec)
+        data = convert_to_float_tflite(trace)
         # Workers may convert at the same time: write aside, then rename atomically.
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as file:
             file.write(data)
@@ -120,34 +119,53 @@ def probe_cosines(reference: Embedder, candidate: Embedder) -> np.ndarray:
     return np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
-def load_fast(
-    spec: ModelSpec, load_tensorflow: Callable[[], Embedder], threads: int | None = None, strict: bool = False
-) -> Embedder:
-    """The TFLite version of the model if it matches TensorFlow's on the probe batch,
-    else ``load_tensorflow()``. With ``strict``, a failed conversion or check raises."""
+class FastBackendUnavailable(Exception):
+    """The model cannot run through TFLite with TensorFlow's outputs; the message says why."""
+
+
+def verified_tflite_file(
+    spec: ModelSpec, load_tensorflow: Callable[[], Embedder], trace: Callable[[], tuple]
+) -> pathlib.Path:
+    """The cached TFLite conversion of the model, once it matched TensorFlow on the
+    probe batch (a verdict kept beside it, so later calls need neither TensorFlow
+    nor the check). Raises FastBackendUnavailable when it cannot be had."""
     if spec.format not in CONVERTIBLE:
-        return load_tensorflow()
+        raise FastBackendUnavailable(f"{spec.name} is a {spec.format.value} model, not a TensorFlow one")
     try:
-        path = cached_tflite_file(spec)
-        fast = tflite.embedder(spec, str(path), threads)
+        path = cached_tflite_file(spec, trace)
         verdict = path.with_suffix(".verified.json")
         if verdict.exists():
-            return fast
-        reference = load_tensorflow()
-        cosines = probe_cosines(reference, fast)
-    except (ModelLoadError, ValueError, RuntimeError, OSError) as error:
-        reason, reference = f"TFLite conversion of {spec.name} failed ({error})", None
-    else:
-        if cosines.min() >= PROBE_COSINE:
-            verdict.write_text(json.dumps({"probe_images": PROBE_IMAGES, "min_cosine": float(cosines.min())}))
-            return fast
-        reason = (
+            return path
+        cosines = probe_cosines(load_tensorflow(), tflite.embedder(spec, str(path)))
+    # TFLite's ConverterError is a plain Exception, and a model can fail to trace in
+    # many ways: whatever goes wrong, the model still runs in TensorFlow.
+    except Exception as error:
+        raise FastBackendUnavailable(f"TFLite conversion of {spec.name} failed ({error})") from error
+    if cosines.min() < PROBE_COSINE:
+        raise FastBackendUnavailable(
             f"TFLite {spec.name} differs from TensorFlow on the probe batch (min cosine {cosines.min():.6f})"
         )
-    if strict:
-        raise ModelLoadError(reason)
-    _log.warning("%s; using TensorFlow", reason)
-    return reference or load_tensorflow()
+    verdict.write_text(json.dumps({"probe_images": PROBE_IMAGES, "min_cosine": float(cosines.min())}))
+    return path
+
+
+def load_fast(
+    spec: ModelSpec,
+    load_tensorflow: Callable[[], Embedder],
+    trace: Callable[[], tuple],
+    threads: int | None = None,
+    strict: bool = False,
+) -> Embedder:
+    """The TFLite version of the model if it matches TensorFlow's on the probe batch,
+    else ``load_tensorflow()`` (one warning says why). With ``strict``, that raises."""
+    try:
+        path = verified_tflite_file(spec, load_tensorflow, trace)
+    except FastBackendUnavailable as unavailable:
+        if strict:
+            raise ModelLoadError(str(unavailable)) from unavailable
+        _log.warning("%s; running it in TensorFlow", unavailable)
+        return load_tensorflow()
+    return tflite.embedder(spec, str(path), threads)
 
 
 def uses_tflite(embedder: Embedder) -> bool:

@@ -14,10 +14,10 @@ import pathlib
 
 import tensorflow as tf
 
-from models.embedded import graph_file
-from models.embedder import Embedder, to_slim_range
-from models.errors import ModelLoadError
-from models.registry import Flavour, Format, ModelSpec
+from imgembed.models.embedded import graph_file
+from imgembed.models.embedder import Embedder, to_slim_range
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.registry import Flavour, Format, ModelSpec
 
 OUTPUTS = {
     Flavour.FEATURE_VECTOR: ("MobilenetV1/Logits/AvgPool_1a/AvgPool",),
@@ -87,6 +87,13 @@ def describe(source: str, flavour: Flavour) -> ModelSpec:
         "_classification" if flavour is Flavour.CLASSIFICATION else ""
     )
     return ModelSpec(name, source, module.image_size, width, flavour, Format.FROZEN_GRAPH)
+
+
+def traceable_function(spec: ModelSpec):
+    """A tf.function of one [1, S, S, 3] image in [0, 1], and what must stay alive for it."""
+    module = load_module(spec.source, spec.flavour)
+    signature = tf.TensorSpec([1, spec.image_size, spec.image_size, 3], tf.float32)
+    return tf.function(module.serve).get_concrete_function(signature), module
 
 
 def load(spec: ModelSpec) -> Embedder:

@@ -17,9 +17,9 @@ import urllib.error
 
 import numpy as np
 
-from models.embedder import Embedder
-from models.errors import ModelLoadError
-from models.registry import NUM_CLASSES, Flavour, Format, ModelSpec
+from imgembed.models.embedder import Embedder
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.registry import NUM_CLASSES, Flavour, Format, ModelSpec
 
 _log = logging.getLogger(__name__)
 
@@ -118,6 +118,16 @@ def describe(source: str) -> ModelSpec:
     classifier = output_dim in (NUM_CLASSES, NUM_CLASSES - 1)
     flavour = Flavour.CLASSIFICATION if classifier else Flavour.FEATURE_VECTOR
     return ModelSpec(name_from_source(source), source, image_size, output_dim, flavour, Format.HUB)
+
+
+def traceable_function(spec: ModelSpec):
+    """A tf.function of one [1, S, S, 3] image in [0, 1], and what must stay alive for it:
+    the module called, or its signature read, exactly as ``load`` does."""
+    import tensorflow as tf
+
+    module, call, _ = _load(spec.source)
+    signature = tf.TensorSpec([1, spec.image_size, spec.image_size, 3], tf.float32)
+    return tf.function(lambda images: call(images)).get_concrete_function(signature), module
 
 
 def load(spec: ModelSpec) -> Embedder:

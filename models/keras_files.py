@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 
-from models.embedder import Embedder, to_slim_range
-from models.errors import ModelLoadError
-from models.registry import Flavour, Format, ModelSpec
+from imgembed.models.embedder import Embedder, to_slim_range
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.registry import Flavour, Format, ModelSpec
 
 
 def _load_file(path: str):
@@ -56,6 +56,16 @@ def describe(source: str, flavour: Flavour) -> ModelSpec:
         "_classification" if flavour is Flavour.CLASSIFICATION else ""
     )
     return ModelSpec(name, source, size, width, flavour, Format.KERAS)
+
+
+def traceable_function(spec: ModelSpec):
+    """A tf.function of one [1, S, S, 3] image in [0, 1], and what must stay alive for it."""
+    import tensorflow as tf
+
+    model = _model_for(spec.source, spec.flavour)
+    signature = tf.TensorSpec([1, spec.image_size, spec.image_size, 3], tf.float32)
+    function = tf.function(lambda images: model(to_slim_range(images), training=False))
+    return function.get_concrete_function(signature), model
 
 
 def load(spec: ModelSpec) -> Embedder:

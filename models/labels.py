@@ -13,12 +13,16 @@ import importlib.resources
 
 import numpy as np
 
-from models.registry import NUM_CLASSES
+from imgembed.models.registry import NUM_CLASSES
 
 
 @functools.cache
 def imagenet_labels() -> tuple[str, ...]:
-    text = importlib.resources.files("models").joinpath("imagenet_labels.txt").read_text(encoding="utf-8")
+    text = (
+        importlib.resources.files("imgembed.models")
+        .joinpath("imagenet_labels.txt")
+        .read_text(encoding="utf-8")
+    )
     return tuple(text.splitlines())
 
 

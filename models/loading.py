@@ -28,15 +28,15 @@ import os
 import re
 from collections.abc import Callable, Iterator
 
-from models.embedder import Embedder
-from models.errors import ModelLoadError
-from models.registry import EMBEDDED_SOURCE, KNOWN_MODELS, Flavour, Format, ModelSpec
+from imgembed.models.embedder import Embedder
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.registry import EMBEDDED_SOURCE, KNOWN_MODELS, Flavour, Format, ModelSpec
 
 LOADERS = {
-    Format.HUB: "models.hub_modules",
-    Format.FROZEN_GRAPH: "models.frozen_graph",
-    Format.TFLITE: "models.tflite",
-    Format.KERAS: "models.keras_files",
+    Format.HUB: "imgembed.models.hub_modules",
+    Format.FROZEN_GRAPH: "imgembed.models.frozen_graph",
+    Format.TFLITE: "imgembed.models.tflite",
+    Format.KERAS: "imgembed.models.keras_files",
 }
 FILE_FORMATS = {
     ".pb": Format.FROZEN_GRAPH,
@@ -113,15 +113,25 @@ def load_model(spec: ModelSpec, backend: str = "auto", threads: int | None = Non
 
     if backend == "tensorflow":
         return load_tensorflow()
-    from models.fast_backend import load_fast
+    from imgembed.models.fast_backend import load_fast
 
-    return load_fast(spec, load_tensorflow, threads, strict=backend == "tflite")
+    return load_fast(
+        spec, load_tensorflow, lambda: traceable_function(spec), threads, strict=backend == "tflite"
+    )
+
+
+def traceable_function(spec: ModelSpec):
+    """The model as a TensorFlow function of one [1, S, S, 3] image in [0, 1] (what
+    TFLite's converter takes), and what must stay alive for it."""
+    if spec.format is Format.TFLITE:
+        raise ModelLoadError(f"{spec.name} is already TFLite; use its float source model instead")
+    return _loader(spec.format).traceable_function(spec)
 
 
 def check_available(spec: ModelSpec) -> None:
     """Fails fast, before a job starts, where its workers would fail to load the model."""
     if spec.source == EMBEDDED_SOURCE:
-        from models.embedded import graph_path
+        from imgembed.models.embedded import graph_path
 
         graph_path()
     elif spec.format is Format.HUB:

@@ -27,48 +27,12 @@ import sys
 
 import numpy as np
 
-from models import tflite
-from models.errors import ModelLoadError
-from models.evaluation import KNN, embed_all, fidelity, read_images, read_labels, top1
-from models.loading import load_model, resolve_spec
-from models.registry import Flavour, Format, ModelSpec
-from transforms.resize import Preprocessing
-
-
-def traceable_function(spec: ModelSpec):
-    """A tf.function of one [1, S, S, 3] image in [0, 1], and what must stay alive for it."""
-    import tensorflow as tf
-
-    signature = tf.TensorSpec([1, spec.image_size, spec.image_size, 3], tf.float32)
-    if spec.format is Format.FROZEN_GRAPH:
-        from models.frozen_graph import load_module
-
-        module = load_module(spec.source, spec.flavour)
-        return tf.function(module.serve).get_concrete_function(signature), module
-    if spec.format is Format.HUB:
-        import tensorflow_hub as hub
-
-        from models.hub_modules import SIGNATURES, hub_errors
-
-        with hub_errors(spec.source):
-            module = hub.load(spec.source)
-        if callable(module):
-            return tf.function(lambda images: module(images)).get_concrete_function(signature), module
-        name = next(name for name in SIGNATURES if name in module.signatures)
-        call = module.signatures[name]
-        ((input_name, _),) = call.structured_input_signature[1].items()
-        return tf.function(lambda images: call(**{input_name: images})["default"]).get_concrete_function(
-            signature
-        ), module
-    if spec.format is Format.KERAS:
-        from models.keras_files import _model_for
-
-        model = _model_for(spec.source, spec.flavour)
-        return tf.function(lambda images: model(images * 2.0 - 1.0, training=False)).get_concrete_function(
-            signature
-        ), model
-    raise ModelLoadError(f"{spec.name} is already TFLite; quantize its float source model instead")
-
+from imgembed.models import tflite
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.evaluation import KNN, embed_all, fidelity, read_images, read_labels, top1
+from imgembed.models.loading import load_model, resolve_spec, traceable_function
+from imgembed.models.registry import Flavour, ModelSpec
+from imgembed.transforms.resize import Preprocessing
 
 # A layer whose int8 error is this many times the error of rounding to its
 # quantization step is "far above" it; only such layers may stay float.

@@ -24,9 +24,9 @@ import threading
 
 import numpy as np
 
-from models.embedder import Embedder, scale_pixels
-from models.errors import ModelLoadError
-from models.registry import Flavour, Format, ModelSpec
+from imgembed.models.embedder import Embedder, scale_pixels
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.registry import Flavour, Format, ModelSpec
 
 POOLED_FEATURE = "MobilenetV1/Logits/AvgPool_1a/AvgPool"
 INPUT_RANGE_METADATA = "imgembed.input_range"

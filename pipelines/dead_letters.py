@@ -9,7 +9,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipelines.records import error_row
+from imgembed.pipelines.records import error_row
 
 ERRORS = "errors"
 METRICS_NAMESPACE = "imgembed"

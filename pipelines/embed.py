@@ -41,18 +41,19 @@ from apache_beam.options.pipeline_options import (
     TestOptions,
 )
 
-from imgembed.units import parse_size
-from models import labels
-from models.errors import ModelLoadError
-from models.loading import BACKENDS, checked_meanwhile
-from models.registry import EMBEDDED_MODEL_NAME, Flavour, ModelSpec
-from pipelines import outputs
-from pipelines.dead_letters import ERRORS, METRICS_NAMESPACE
-from pipelines.default_corpus import default_corpus_patterns
-from pipelines.model_handler import EmbeddingModelHandler
-from pipelines.preprocess import DecodeAndResize
-from pipelines.records import STAGE_INFERENCE, embedding_row, embedding_schema, error_row
-from pipelines.shards import (
+from imgembed.common.embedding_files import STAGE_INFERENCE, embedding_schema
+from imgembed.common.units import parse_size
+from imgembed.models import labels
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.loading import BACKENDS, checked_meanwhile
+from imgembed.models.registry import EMBEDDED_MODEL_NAME, Flavour, ModelSpec
+from imgembed.pipelines import outputs
+from imgembed.pipelines.dead_letters import ERRORS, METRICS_NAMESPACE
+from imgembed.pipelines.default_corpus import default_corpus_patterns
+from imgembed.pipelines.model_handler import EmbeddingModelHandler
+from imgembed.pipelines.preprocess import DecodeAndResize
+from imgembed.pipelines.records import embedding_row, error_row
+from imgembed.pipelines.shards import (
     InputError,
     InputFormat,
     InputShard,
@@ -61,9 +62,9 @@ from pipelines.shards import (
     settings_key,
     shard_key,
 )
-from pipelines.sources import COUNTS, IMAGE_COLUMNS, ReadShard
-from transforms.decode import DecodeLimits
-from transforms.resize import Preprocessing, ResizeMode
+from imgembed.pipelines.sources import COUNTS, IMAGE_COLUMNS, ReadShard
+from imgembed.transforms.decode import DecodeLimits
+from imgembed.transforms.resize import Preprocessing, ResizeMode
 
 INFERENCE_FAILED = "inference_failed"
 # Without --runner, run locally on every core; DirectRunner alone uses one.

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from models.embedder import Embedder
-from models.loading import load_model
-from models.registry import ModelSpec
+from imgembed.models.embedder import Embedder
+from imgembed.models.loading import load_model
+from imgembed.models.registry import ModelSpec
 
 METRICS_NAMESPACE = "imgembed"
 

@@ -35,11 +35,20 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-from pipelines.records import ERROR_SCHEMA, STAGE_INFERENCE
+from imgembed.common.embedding_files import (
+    ERROR_SCHEMA,
+    MARKERS,
+    PARQUET_SUFFIX,
+    STAGE_INFERENCE,
+    SUMMARY_FILE,
+    embeddings_path,
+    errors_glob,
+    errors_path,
+    key_of,
+    marker_path,
+)
+from imgembed.common.embedding_files import embeddings_glob as model_glob
 
-PARQUET_SUFFIX = ".parquet"
-SUMMARY_FILE = "run_summary.json"
-MARKERS = "_shards"
 PARTS = "_parts"
 # A shard's rows are written as a part when it has this many...
 ROWS_PER_PART = 500
@@ -52,39 +61,18 @@ MAX_HELD_BYTES = 64 * 2**20
 _log = logging.getLogger(__name__)
 
 
-def embeddings_path(output_dir: str, model_name: str, key: str) -> str:
-    return FileSystems.join(output_dir, model_name, f"embeddings-{key}{PARQUET_SUFFIX}")
-
-
-def errors_path(output_dir: str, key: str) -> str:
-    return FileSystems.join(output_dir, f"errors-{key}{PARQUET_SUFFIX}")
-
-
-def marker_path(output_dir: str, key: str) -> str:
-    return FileSystems.join(output_dir, MARKERS, f"{key}.json")
-
-
 def parts_folder(output_dir: str, key: str | None = None) -> str:
     folder = FileSystems.join(output_dir, PARTS)
     return FileSystems.join(folder, key) if key else folder
 
 
 def embeddings_glob(output_dir: str, model_name: str) -> str:
-    return FileSystems.join(output_dir, model_name, f"embeddings-*{PARQUET_SUFFIX}")
-
-
-def errors_glob(output_dir: str) -> str:
-    return FileSystems.join(output_dir, f"errors-*{PARQUET_SUFFIX}")
+    return model_glob(FileSystems.join(output_dir, model_name))
 
 
 def list_files(pattern: str) -> list[str]:
     (result,) = FileSystems.match([pattern])
     return sorted(metadata.path for metadata in result.metadata_list)
-
-
-def _key_of(path: str) -> str:
-    name = path.rsplit("/", 1)[-1]
-    return name.split("-", 1)[-1].removesuffix(PARQUET_SUFFIX).removesuffix(".json")
 
 
 def read_json(path: str) -> dict:
@@ -288,7 +276,7 @@ class OutputState:
 def output_state(
     output_dir: str, model_names: list[str], planned: set[str], settings_key: str
 ) -> OutputState:
-    markers = {_key_of(path): path for path in list_files(FileSystems.join(output_dir, MARKERS, "*.json"))}
+    markers = {key_of(path): path for path in list_files(FileSystems.join(output_dir, MARKERS, "*.json"))}
     foreign_keys = {key for key, path in markers.items() if read_json(path)["settings_key"] != settings_key}
     stale = [path for key, path in markers.items() if key not in planned and key not in foreign_keys]
     # Data files of unplanned shards go too: with a marker of these settings, their
@@ -298,7 +286,7 @@ def output_state(
         path
         for pattern in patterns
         for path in list_files(pattern)
-        if _key_of(path) not in planned and _key_of(path) not in foreign_keys
+        if key_of(path) not in planned and key_of(path) not in foreign_keys
     ]
     done = {key for key in markers if key in planned and key not in foreign_keys}
     return OutputState(done, stale, [markers[key] for key in sorted(foreign_keys)])

@@ -15,10 +15,11 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from PIL import Image
 
-from pipelines.dead_letters import METRICS_NAMESPACE, keyed_dead_letter
-from pipelines.records import STAGE_DECODE, ImageKey, image_id
-from transforms.decode import DecodeLimits, ImageError, decode_image
-from transforms.resize import Preprocessing
+from imgembed.common.embedding_files import STAGE_DECODE, image_id
+from imgembed.pipelines.dead_letters import METRICS_NAMESPACE, keyed_dead_letter
+from imgembed.pipelines.records import ImageKey
+from imgembed.transforms.decode import DecodeLimits, ImageError, decode_image
+from imgembed.transforms.resize import Preprocessing
 
 # An exception we did not foresee; the message names its type.
 DECODE_FAILED = "decode_failed"

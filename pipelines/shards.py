@@ -21,7 +21,7 @@ import os
 
 from apache_beam.io.filesystems import FileSystems
 
-from imgembed.choices import Choice
+from imgembed.common.choices import Choice
 
 # Extensions that make a file a container of images rather than an image.
 CONTAINER_SUFFIXES = {

@@ -21,10 +21,10 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipelines.dead_letters import METRICS_NAMESPACE, keyed_dead_letter
-from pipelines.records import STAGE_READ
-from pipelines.shards import InputShard
-from transforms.decode import DecodeLimits, ImageError, check_file_size
+from imgembed.common.embedding_files import STAGE_READ
+from imgembed.pipelines.dead_letters import METRICS_NAMESPACE, keyed_dead_letter
+from imgembed.pipelines.shards import InputShard
+from imgembed.transforms.decode import DecodeLimits, ImageError, check_file_size
 
 COUNTS = "counts"
 READ_FAILED = "read_failed"

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from service.searcher import QueryError, Searcher
+from imgembed.service.searcher import QueryError, Searcher
 
 # JSON bodies carry at most max_batch vectors of ~1024 numbers: 64 x 1024 x ~20 bytes.
 MAX_JSON_BYTES = 2 * 2**20
@@ -91,7 +91,7 @@ def create_app(searcher: Searcher) -> FastAPI:
     )
     latency = Histogram("imgembed_http_request_seconds", "Request latency", ["route"], registry=registry)
     errors = Counter("imgembed_http_errors", "Error responses by code", ["code"], registry=registry)
-    page = importlib.resources.files("service").joinpath("page.html").read_text(encoding="utf-8")
+    page = importlib.resources.files("imgembed.service").joinpath("page.html").read_text(encoding="utf-8")
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

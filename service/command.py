@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imgembed.units import parse_size
-from index.vectors import IndexInputError
-from service.searcher import Limits
+from imgembed.common.units import parse_size
+from imgembed.index.vectors import IndexInputError
+from imgembed.service.searcher import Limits
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,8 +48,8 @@ def main(argv: list[str]) -> int:
     import faiss
     import uvicorn
 
-    from service.app import create_app
-    from service.searcher import Searcher
+    from imgembed.service.app import create_app
+    from imgembed.service.searcher import Searcher
 
     # Requests already run in parallel threads; faiss's own threads on top of
     # them would oversubscribe the cores and raise tail latency.

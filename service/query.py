@@ -12,8 +12,8 @@ import json
 import pathlib
 import sys
 
-from index.vectors import IndexInputError
-from service.searcher import Limits, QueryError, Searcher, describe_hits
+from imgembed.index.vectors import IndexInputError
+from imgembed.service.searcher import Limits, QueryError, Searcher, describe_hits
 
 
 def parser() -> argparse.ArgumentParser:

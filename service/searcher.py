@@ -19,14 +19,14 @@ import threading
 import numpy as np
 import pyarrow.parquet as pq
 
-from index import store
-from index.reader import RowReader
-from index.vectors import IndexInputError, prepare
-from models.errors import ModelLoadError
-from models.loading import load_model
-from models.registry import ModelSpec
-from transforms.decode import DecodeLimits, ImageError, decode_image
-from transforms.resize import Preprocessing
+from imgembed.index import store
+from imgembed.index.reader import RowReader
+from imgembed.index.vectors import IndexInputError, prepare
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.loading import load_model
+from imgembed.models.registry import ModelSpec
+from imgembed.transforms.decode import DecodeLimits, ImageError, decode_image
+from imgembed.transforms.resize import Preprocessing
 
 _log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from tests import images, tiny_models
+from fixtures import images, tiny_models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Real weights and ImageNet images live beside the repo, never in it.

@@ -11,9 +11,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from tests.images import encode, jpeg_bytes, photo_like, png_claiming_size, truncated_jpeg
-from transforms import decode
-from transforms.decode import DecodeLimits, ImageError, decode_image
+from fixtures.images import encode, jpeg_bytes, photo_like, png_claiming_size, truncated_jpeg
+from imgembed.transforms import decode
+from imgembed.transforms.decode import DecodeLimits, ImageError, decode_image
 
 LIMITS = DecodeLimits()
 EXIF_ORIENTATION = 0x0112

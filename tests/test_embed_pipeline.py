@@ -21,16 +21,16 @@ from apache_beam.io.filesystem import FileMetadata, MatchResult
 from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
-from models.embedded import graph_path
-from models.embedder import scale_pixels
-from models.loading import load_model, resolve_spec
-from models.registry import EMBEDDED_MODEL_NAME
-from pipelines import embed, outputs
-from pipelines.default_corpus import default_corpus_patterns
-from pipelines.records import image_id, read_metadata
-from tests.images import photo_like, truncated_jpeg
-from transforms.decode import DecodeLimits, decode_image
-from transforms.resize import Preprocessing
+from fixtures.images import photo_like, truncated_jpeg
+from imgembed.common.embedding_files import image_id, read_metadata
+from imgembed.models.embedded import graph_path
+from imgembed.models.embedder import scale_pixels
+from imgembed.models.loading import load_model, resolve_spec
+from imgembed.models.registry import EMBEDDED_MODEL_NAME
+from imgembed.pipelines import embed, outputs
+from imgembed.pipelines.default_corpus import default_corpus_patterns
+from imgembed.transforms.decode import DecodeLimits, decode_image
+from imgembed.transforms.resize import Preprocessing
 
 IN_PROCESS = ["--runner=DirectRunner"]
 

@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from models.embedder import scale_pixels
-from models.errors import ModelLoadError
-from models.labels import imagenet_labels
-from models.loading import resolve_spec
-from pipelines import embed, outputs
-from tests import tiny_models
-from tests.images import photo_like
-from transforms.resize import Preprocessing, ResizeMode
+from fixtures import tiny_models
+from fixtures.images import photo_like
+from imgembed.models.embedder import scale_pixels
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.labels import imagenet_labels
+from imgembed.models.loading import resolve_spec
+from imgembed.pipelines import embed, outputs
+from imgembed.transforms.resize import Preprocessing, ResizeMode
 
 IN_PROCESS = ["--runner=DirectRunner"]
 
@@ -82,6 +82,23 @@ def test_every_tensorflow_format_computes_the_same_network_in_one_pass(models_di
         ]
         expected = tiny_models.reference_features(scale_pixels(np.stack(inputs)))
         np.testing.assert_allclose(vectors, expected, rtol=1e-4, atol=1e-5, err_msg=spec.name)
+
+
+def test_a_keras_export_with_only_serving_default_runs_under_backend_auto(
+    square_images, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("IMGEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    folder, pixels = square_images
+    exported = tiny_models.save_keras_export(str(tmp_path / "keras_export"))
+    summary = embed.run(
+        [f"--input={folder}/*", f"--output={tmp_path}/out", f"--model={exported}", "--resize=squash"]
+        + ["--backend=auto"]
+        + IN_PROCESS
+    )
+    assert summary.models[0].rows == 5 and summary.balanced
+    rows = rows_of(tmp_path / "out", "keras_export")
+    expected = tiny_models.reference_features(np.stack([pixels[row["uri"]] for row in rows]))
+    np.testing.assert_allclose(np.stack([row["embedding"] for row in rows]), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_images_are_decoded_once_for_several_models(models_dir, square_images, tmp_path):
@@ -153,7 +170,7 @@ def test_wrong_files_say_what_was_expected(tmp_path, name, content, message):
 def test_bad_flavour_and_classifier_without_pooled_tensor(models_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="#feature_vector or #classification"):
         resolve_spec(models_dir["tflite"] + "#logits")
-    from models import tflite
+    from imgembed.models import tflite
 
     model = tflite.read_model(open(models_dir["tflite"], "rb").read())  # noqa: SIM115
     for tensor in model.subgraphs[0].tensors:
@@ -278,7 +295,7 @@ def test_int8_default_model_keeps_knn_overlap_and_runs_in_the_pipeline(imagenet_
 
 
 def test_compare_reports_speed_size_agreement_and_top1(models_dir, square_images, tmp_path):
-    from models import compare
+    from imgembed.models import compare
 
     folder, _ = square_images
     labels = tmp_path / "labels.csv"

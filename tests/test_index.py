@@ -11,16 +11,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from imgembed.units import parse_size
-from index import command, store
-from index.beam_build import add_with_beam
-from index.build import IndexConfig, add_locally, add_to_index, build, plan_for, train
-from index.choose import choose_index
-from index.evaluate import QuerySet, recall
-from index.reader import EmbeddingSource
-from index.synthetic import StructuredVectors, write_embeddings, write_synthetic_embeddings
-from index.vectors import IndexInputError, Metric, prepare
-from pipelines import embed
+from fixtures.synthetic_vectors import StructuredVectors, write_embeddings, write_synthetic_embeddings
+from imgembed.common.units import parse_size
+from imgembed.index import command, store
+from imgembed.index.beam_build import add_with_beam
+from imgembed.index.build import IndexConfig, add_locally, add_to_index, build, plan_for, train
+from imgembed.index.choose import choose_index
+from imgembed.index.evaluate import QuerySet, recall
+from imgembed.index.reader import EmbeddingSource
+from imgembed.index.vectors import IndexInputError, Metric, prepare
+from imgembed.pipelines import embed
 
 MULTI_PROCESS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 

@@ -17,12 +17,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from models.embedder import scale_pixels
-from models.errors import ModelLoadError
-from models.loading import check_available, load_model, resolve_spec
-from models.registry import EMBEDDED_MODEL_NAME, KNOWN_MODELS, Flavour
-from pipelines.default_corpus import default_corpus_patterns
-from transforms.resize import Preprocessing, ResizeMode
+from imgembed.models.embedder import scale_pixels
+from imgembed.models.errors import ModelLoadError
+from imgembed.models.loading import check_available, load_model, resolve_spec
+from imgembed.models.registry import EMBEDDED_MODEL_NAME, KNOWN_MODELS, Flavour
+from imgembed.pipelines.default_corpus import default_corpus_patterns
+from imgembed.transforms.resize import Preprocessing, ResizeMode
 
 # ImageNet classes 282-286 of the 1001-way output are the domestic cats.
 CAT_CLASSES = set(range(282, 287))
@@ -140,7 +140,7 @@ class NoisyModel(tf.Module):
 
 
 def test_fast_backend_falls_back_to_tensorflow_when_outputs_differ(tmp_path, monkeypatch, caplog):
-    from models.fast_backend import uses_tflite
+    from imgembed.models.fast_backend import uses_tflite
 
     monkeypatch.setenv("IMGEMBED_CACHE_DIR", str(tmp_path / "cache"))
     tf.saved_model.save(NoisyModel(), str(tmp_path / "noisy"))
@@ -154,7 +154,7 @@ def test_fast_backend_falls_back_to_tensorflow_when_outputs_differ(tmp_path, mon
 
 
 def test_fast_backend_is_converted_once_and_cached_by_content(tiny_model_dir, tmp_path, monkeypatch):
-    from models import fast_backend
+    from imgembed.models import fast_backend
 
     monkeypatch.setenv("IMGEMBED_CACHE_DIR", str(tmp_path / "cache"))
     spec = resolve_spec(tiny_model_dir)
@@ -162,7 +162,7 @@ def test_fast_backend_is_converted_once_and_cached_by_content(tiny_model_dir, tm
     assert fast_backend.uses_tflite(first)
     (cached,) = (tmp_path / "cache" / "tflite").glob("*.tflite")
     conversions = []
-    monkeypatch.setattr(fast_backend, "convert_to_float_tflite", lambda spec: conversions.append(spec))
+    monkeypatch.setattr(fast_backend, "convert_to_float_tflite", lambda trace: conversions.append(trace))
     load_model(spec, backend="tflite")
     assert conversions == [] and cached.exists()
     images = np.random.default_rng(3).random((3, 64, 64, 3), dtype=np.float32)
@@ -174,8 +174,8 @@ def test_embed_pixels_gives_exactly_the_vectors_of_scaled_images(tiny_model_dir,
     """The pipeline and the service hand models uint8 pixels; every backend must
     give the bits it gives for scale_pixels(pixels), including the TFLite path
     that scales straight into the interpreter's input buffer."""
-    from models import fast_backend, tflite
-    from tests.tiny_models import save_tflite
+    from fixtures.tiny_models import save_tflite
+    from imgembed.models import fast_backend, tflite
 
     monkeypatch.setenv("IMGEMBED_CACHE_DIR", str(tmp_path / "cache"))
     pixels = np.random.default_rng(5).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
@@ -203,7 +203,7 @@ def test_model_check_runs_beside_the_caller_and_stops_when_abandoned(tiny_model_
     import multiprocessing
     import signal
 
-    from models.loading import checked_meanwhile
+    from imgembed.models.loading import checked_meanwhile
 
     with checked_meanwhile([tiny_model_dir]) as specs:
         assert len(multiprocessing.active_children()) == 1  # describing it loads TensorFlow there

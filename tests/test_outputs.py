@@ -10,16 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import outputs
-from pipelines.records import (
-    STAGE_DECODE,
-    ImageKey,
-    embedding_row,
-    embedding_schema,
-    error_row,
-    image_id,
-    read_metadata,
-)
+from imgembed.common.embedding_files import STAGE_DECODE, embedding_schema, image_id, read_metadata
+from imgembed.pipelines import outputs
+from imgembed.pipelines.records import ImageKey, embedding_row, error_row
 
 SCHEMA = embedding_schema(4, {"model": "test"})
 KEY = "shard0"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transforms.resize import PAD_VALUE, Preprocessing, ResizeMode
+from imgembed.transforms.resize import PAD_VALUE, Preprocessing, ResizeMode
 
 
 def three_stripes(width: int = 300, height: int = 100) -> Image.Image:

@@ -20,9 +20,16 @@ import pyarrow.parquet as pq
 import tifffile
 from PIL import Image
 
-from pipelines import embed, outputs
-from tests.images import encode, jpeg_claiming_size, photo_like, png_claiming_size, truncated_jpeg, ycck_jpeg
-from transforms import decode
+from fixtures.images import (
+    encode,
+    jpeg_claiming_size,
+    photo_like,
+    png_claiming_size,
+    truncated_jpeg,
+    ycck_jpeg,
+)
+from imgembed.pipelines import embed, outputs
+from imgembed.transforms import decode
 
 BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from index import command as index_command
-from models.registry import EMBEDDED_MODEL_NAME
-from pipelines import embed
-from pipelines.default_corpus import default_corpus_patterns
+from imgembed.index import command as index_command
+from imgembed.models.registry import EMBEDDED_MODEL_NAME
+from imgembed.pipelines import embed
+from imgembed.pipelines.default_corpus import default_corpus_patterns
 from tests.servers import serve
 
 BIN = os.path.dirname(sys.executable)
@@ -297,7 +297,7 @@ def test_the_page_uploads_an_image_and_shows_the_neighbour_grid(server):
 
 
 def test_an_index_without_a_loadable_model_still_serves_vectors(built, tmp_path):
-    from service.searcher import QueryError, Searcher
+    from imgembed.service.searcher import QueryError, Searcher
 
     index_dir = tmp_path / "index"
     shutil.copytree(built / "index", index_dir)

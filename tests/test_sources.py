@@ -10,9 +10,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from pipelines import sources
-from pipelines.shards import InputShard, pieces_largest_first
-from transforms.decode import DecodeLimits, ImageError
+from imgembed.pipelines import sources
+from imgembed.pipelines.shards import InputShard, pieces_largest_first
+from imgembed.transforms.decode import DecodeLimits, ImageError
 
 
 def files_shard(tmp_path, sizes: list[int]) -> InputShard:

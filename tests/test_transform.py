@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from index import store
-from index.reader import EmbeddingSource, vectors_of
-from index.synthetic import write_synthetic_embeddings
-from models.registry import EMBEDDED_MODEL_NAME
-from pipelines import embed
+from fixtures.synthetic_vectors import write_synthetic_embeddings
+from imgembed.index import store
+from imgembed.index.reader import EmbeddingSource, vectors_of
+from imgembed.models.registry import EMBEDDED_MODEL_NAME
+from imgembed.pipelines import embed
+from imgembed.transforms.embedding_transform import EmbeddingTransform, TransformOptions, analyze
 from tests.servers import serve
-from transforms.embedding_transform import EmbeddingTransform, TransformOptions, analyze
 
 BIN = os.path.dirname(sys.executable)
 IN_PROCESS = ["--runner=DirectRunner"]
@@ -75,14 +75,14 @@ def test_the_graph_equals_a_numpy_reference(corpus, options):
 def test_whitening_needs_dims_and_dims_cannot_exceed_the_input():
     with pytest.raises(ValueError, match="--whiten needs --dims"):
         TransformOptions(whiten=True)
-    from transforms.embedding_transform import preprocessing_fn_for
+    from imgembed.transforms.embedding_transform import preprocessing_fn_for
 
     with pytest.raises(ValueError, match="more than the 48 dimensions"):
         preprocessing_fn_for(TransformOptions(dims=64), 48)
 
 
 def test_distributed_index_through_the_transform_matches_the_local_one(corpus, tmp_path):
-    from index import command
+    from imgembed.index import command
 
     folder, _, _ = corpus
     common = [
@@ -98,7 +98,7 @@ def test_distributed_index_through_the_transform_matches_the_local_one(corpus, t
     assert command.main(common + ["--output", str(tmp_path / "beam"), "--distributed"]) == 0
     local, beam = store.load(str(tmp_path / "local")), store.load(str(tmp_path / "beam"))
     queries = next(beam.sources()[0].vector_batches())[1][:50]
-    from index.vectors import prepare
+    from imgembed.index.vectors import prepare
 
     queries = prepare(queries, beam.metric)
     for loaded in (local, beam):
@@ -165,7 +165,7 @@ def test_image_queries_through_the_service_match_the_offline_transformed_vectors
 
 @pytest.mark.slow
 def test_pca_report_on_the_imagenet_subset(imagenet_dir, tmp_path):
-    from index import command
+    from imgembed.index import command
 
     embed.run([f"--input={imagenet_dir}/*.JPEG", f"--output={tmp_path}"] + IN_PROCESS)
     folder = str(tmp_path / EMBEDDED_MODEL_NAME)

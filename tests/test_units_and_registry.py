@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from imgembed.units import parse_size
-from models.registry import KNOWN_MODELS, Flavour
+from imgembed.common.units import parse_size
+from imgembed.models.registry import KNOWN_MODELS, Flavour
 
 
 @pytest.mark.parametrize(

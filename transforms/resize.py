@@ -23,7 +23,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from imgembed.choices import Choice
+from imgembed.common.choices import Choice
 
 # Grey 128 becomes ~0 after the [-1, 1] scaling MobileNet was trained with, so
 # padding adds the least signal of any fill.

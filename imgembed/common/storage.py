@@ -1,0 +1,176 @@
+"""Files on any filesystem Beam knows (local, gs://, s3://...): the one way imgembed
+reads and writes them, so that no stage works only on local paths.
+
+Beam is imported when a function first needs it: a service that opens a local
+index never loads it.
+
+>>> write_atomically("gs://bucket/out/marker.json", b"{}")
+>>> list_files("gs://bucket/out/*.json")
+['gs://bucket/out/marker.json']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+# Object stores answer one request at a time per connection, tens of ms each:
+# many small reads go this many at once.
+PARALLEL_REQUESTS = 32
+# Streams copy in blocks of this size (a whole model file never sits in memory).
+COPY_BLOCK_BYTES = 8 << 20
+
+
+def _filesystems():
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems
+
+
+def is_local(path: str) -> bool:
+    """A path of this machine's disk (no scheme, or file://)."""
+    return "://" not in path or path.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for local paths and URLs alike."""
+    if is_local(base):
+        return os.path.join(base, *parts)
+    return posixpath.join(base.rstrip("/"), *parts)
+
+
+def parent(path: str) -> str:
+    return os.path.dirname(path) if is_local(path) else path.rstrip("/").rsplit("/", 1)[0]
+
+
+def exists(path: str) -> bool:
+    return _filesystems().exists(path)
+
+
+def list_files(pattern: str) -> list[str]:
+    """Sorted paths of the files a glob matches (none: an empty list)."""
+    (result,) = _filesystems().match([pattern])
+    return sorted(metadata.path for metadata in result.metadata_list)
+
+
+def match_sizes(patterns: list[str]) -> list[dict[str, int]]:
+    """{path: size} for each pattern, the patterns listed at the same time."""
+    filesystems = _filesystems()
+
+    def one(pattern: str) -> dict[str, int]:
+        (result,) = filesystems.match([pattern])
+        return {metadata.path: metadata.size_in_bytes for metadata in result.metadata_list}
+
+    with ThreadPoolExecutor(min(PARALLEL_REQUESTS, max(1, len(patterns)))) as pool:
+        return list(pool.map(one, patterns))
+
+
+def read_bytes(path: str) -> bytes:
+    from apache_beam.io.filesystem import CompressionTypes
+
+    with _filesystems().open(path, compression_type=CompressionTypes.UNCOMPRESSED) as file:
+        return file.read()
+
+
+def read_json(path: str) -> dict:
+    return json.loads(read_bytes(path))
+
+
+def read_many(paths: Iterable[str], read=read_bytes) -> list:
+    """``read(path)`` of every path, PARALLEL_REQUESTS at a time, in order."""
+    paths = list(paths)
+    if not paths:
+        return []
+    with ThreadPoolExecutor(min(PARALLEL_REQUESTS, len(paths))) as pool:
+        return list(pool.map(read, paths))
+
+
+def ensure_folder(folder: str) -> None:
+    filesystems = _filesystems()
+    try:  # writers of one folder race to create it
+        filesystems.mkdirs(folder)
+    except OSError:
+        if not filesystems.exists(folder):
+            raise
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes in place: a reader may see part of it. See write_atomically."""
+    from apache_beam.io.filesystem import CompressionTypes
+
+    ensure_folder(parent(path))
+    with _filesystems().create(path, compression_type=CompressionTypes.UNCOMPRESSED) as file:
+        file.write(data)
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write aside, then rename: readers see the whole file or none of it."""
+    temporary = join(parent(path), f".tmp-{uuid.uuid4().hex}")
+    write_bytes(temporary, data)
+    rename(temporary, path)
+
+
+def rename(source: str, destination: str) -> None:
+    """Replaces ``destination`` if it exists (Beam's rename refuses to on some stores)."""
+    filesystems = _filesystems()
+    if filesystems.exists(destination):
+        filesystems.delete([destination])
+    filesystems.rename([source], [destination])
+
+
+def delete(paths: list[str]) -> None:
+    if paths:
+        _filesystems().delete(list(paths))
+
+
+def delete_folder(folder: str) -> None:
+    """A folder and everything in it (on object stores, everything under the prefix)."""
+    from apache_beam.io.filesystem import BeamIOError
+
+    filesystems = _filesystems()
+    # Object stores delete a prefix given a trailing slash; a local path names the folder.
+    target = folder if is_local(folder) else folder.rstrip("/") + "/"
+    try:
+        filesystems.delete([target])
+    except BeamIOError:
+        if filesystems.exists(target):
+            raise
+
+
+def copy_file(source: str, destination: str) -> None:
+    """Streams one file across filesystems (local to gs://, gs:// to local...)."""
+    from apache_beam.io.filesystem import CompressionTypes
+
+    filesystems = _filesystems()
+    ensure_folder(parent(destination))
+    raw = CompressionTypes.UNCOMPRESSED
+    with (
+        filesystems.open(source, compression_type=raw) as reader,
+        filesystems.create(destination, compression_type=raw) as writer,
+    ):
+        for block in iter(lambda: reader.read(COPY_BLOCK_BYTES), b""):
+            writer.write(block)
+
+
+def files_under(folder: str) -> list[str]:
+    """Every file below a folder, recursively (local matches include folders: not those)."""
+    return [path for path in list_files(join(folder, "**")) if not (is_local(path) and os.path.isdir(path))]
+
+
+def copy_tree(source: str, destination: str) -> None:
+    """Copies every file below ``source`` to the same place below ``destination``."""
+    source_root = source.rstrip("/")
+    files = files_under(source_root)
+    with ThreadPoolExecutor(min(PARALLEL_REQUESTS, max(1, len(files)))) as pool:
+        list(pool.map(lambda path: copy_file(path, join(destination, _relative(path, source_root))), files))
+
+
+def _relative(path: str, root: str) -> str:
+    relative = path[len(root) :].lstrip("/")
+    if not path.startswith(root) or not relative:
+        raise ValueError(f"{path} is not below {root}")
+    return relative
