@@ -86,8 +86,22 @@ def convert_to_float_tflite(trace: Callable[[], tuple]) -> bytes:
     return tflite.add_metadata(data, tflite.INPUT_RANGE_METADATA, tflite.UNIT_RANGE)
 
 
+def _cache_path(spec: ModelSpec) -> pathlib.Path:
+    return cache_dir() / f"{spec.name}-{content_hash(spec)}.tflite"
+
+
+def _verdict_path(tflite_file: pathlib.Path) -> pathlib.Path:
+    return tflite_file.with_suffix(".verified.json")
+
+
+def already_verified(spec: ModelSpec) -> pathlib.Path | None:
+    """The cached conversion when it was verified before (needs no TensorFlow to tell)."""
+    path = _cache_path(spec)
+    return path if path.exists() and _verdict_path(path).exists() else None
+
+
 def cached_tflite_file(spec: ModelSpec, trace: Callable[[], tuple]) -> pathlib.Path:
-    path = cache_dir() / f"{spec.name}-{content_hash(spec)}.tflite"
+    path = _cache_path(spec)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         data = convert_to_float_tflite(trace)
@@ -133,7 +147,7 @@ def verified_tflite_file(
         raise FastBackendUnavailable(f"{spec.name} is a {spec.format.value} model, not a TensorFlow one")
     try:
         path = cached_tflite_file(spec, trace)
-        verdict = path.with_suffix(".verified.json")
+        verdict = _verdict_path(path)
         if verdict.exists():
             return path
         cosines = probe_cosines(load_tensorflow(), tflite.embedder(spec, str(path)))

@@ -1,16 +1,16 @@
 """``imgembed embed``: image files -> MobileNet V1 embeddings in Parquet, on Beam.
 
-    plan_shards: inputs -> input shards (groups of files; TFRecord, tar, Parquet files)
-    shards --ReadShard--> (shard, (uri, bytes)) --DecodeAndResize--> ((shard, ImageKey), {size: pixels})
-          --RunInference(EmbeddingModelHandler), once per --model--> (shard, row)
-          --WriteParts--> (shard, part file of rows)
-    every stage's failures ---------------------------------------> (shard, error row)
-    --CoGroupByKey(shard)--> WriteShard: one Parquet file per model, errors, marker
+    launcher: inputs -> input shards, written as a plan beside the outputs;
+              models checked, converted to TFLite and staged where workers read them
+    job:      plan --ReadFromText--> shard lines --Reshuffle--> EmbedShard, one shard at a
+              time: read -> decode -> embed in batches -> Parquet files -> marker
+              markers --sum--> the run's totals
+    launcher: totals -> run_summary.json; exits non-zero when the error rate is too high
 
-Several ``--model`` flags embed with several models in one pass: each image is
-read and decoded once, resized once per input size, and each model writes its
-own folder. Shards already complete in --output (same inputs, same settings) are
-skipped, so a rerun after a crash finishes the rest.
+Each shard commits when it is done, on every runner: a killed or failed job keeps
+every finished shard, and a rerun (same inputs, same settings) does only the rest.
+Several ``--model`` flags embed with several models in one pass: each image is read
+and decoded once, resized once per input size, and each model writes its own folder.
 
 Runs on any Beam runner; every flag not defined here goes to Beam (``--runner``,
 ``--direct_num_workers``, Dataflow's ``--project``/``--region``/``--setup_file``...).
@@ -25,14 +25,12 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
+import threading
 import time
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import (
     DebugOptions,
     DirectOptions,
@@ -41,44 +39,43 @@ from apache_beam.options.pipeline_options import (
     TestOptions,
 )
 
-from imgembed.common.embedding_files import STAGE_INFERENCE, embedding_schema
+from imgembed.common import progress, storage
+from imgembed.common.embedding_files import key_of, markers_glob
 from imgembed.common.units import parse_size
-from imgembed.models import labels
 from imgembed.models.errors import ModelLoadError
-from imgembed.models.loading import BACKENDS, checked_meanwhile
-from imgembed.models.registry import EMBEDDED_MODEL_NAME, Flavour, ModelSpec
+from imgembed.models.loading import BACKENDS, PreparedModel, prepared_meanwhile
+from imgembed.models.registry import EMBEDDED_MODEL_NAME
 from imgembed.pipelines import outputs
-from imgembed.pipelines.dead_letters import ERRORS, METRICS_NAMESPACE
 from imgembed.pipelines.default_corpus import default_corpus_patterns
-from imgembed.pipelines.model_handler import EmbeddingModelHandler
-from imgembed.pipelines.preprocess import DecodeAndResize
-from imgembed.pipelines.records import embedding_row, error_row
+from imgembed.pipelines.model_staging import stage
+from imgembed.pipelines.preprocess import ImagePreparer
+from imgembed.pipelines.shard_worker import EmbedShard, ShardJob
 from imgembed.pipelines.shards import (
+    PLAN_FOLDER,
     InputError,
     InputFormat,
     InputShard,
-    pieces_largest_first,
+    plan_path,
     plan_shards,
     settings_key,
     shard_key,
+    write_plan,
 )
-from imgembed.pipelines.sources import COUNTS, IMAGE_COLUMNS, ReadShard
+from imgembed.pipelines.sources import DEFAULT_METADATA_FIELDS, IMAGE_COLUMNS, ReadOptions
 from imgembed.transforms.decode import DecodeLimits
 from imgembed.transforms.resize import Preprocessing, ResizeMode
 
-INFERENCE_FAILED = "inference_failed"
 # Without --runner, run locally on every core; DirectRunner alone uses one.
 DEFAULT_RUNNER_ARGS = [
     "--runner=DirectRunner",
     "--direct_running_mode=multi_processing",
     "--direct_num_workers=0",
 ]
-# Each local wave costs about 5 s of a whole machine (workers starting, the shard
-# writes, one worker idle while the other finishes): measured, 16 shards a worker
-# made 0.25_224 lose 15% to them. 64 (32,000 images a worker at the default
-# --files-per-shard: 2 to 12 minutes per wave on this family) keep that near 2%,
-# and a crash loses at most those minutes.
-LOCAL_SHARDS_PER_WORKER = 64
+LOCAL_RUNNERS = (None, "DirectRunner", "FnApiRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
+# How often the launcher lists the markers to show progress (a listing per poll).
+PROGRESS_POLL_SECONDS = 5.0
+# Our exceptions that fail a job on purpose: their message is the one to show.
+JOB_FAILURES = ("ShardUnreadable", "ModelFailing", "AccountingError", "ModelLoadError")
 _log = logging.getLogger(__name__)
 
 
@@ -92,15 +89,15 @@ class EmbedOptions(PipelineOptions):
             help="File glob or folder, any Beam filesystem (gs://, s3://, local); repeat "
             "for several. Default: the sample photos that scikit-image and scikit-learn ship.",
         )
-        parser.add_argument("--output", help="Output folder (required).")
+        parser.add_argument("--output", help="Output folder, any Beam filesystem (required).")
         parser.add_argument(
             "--model",
             dest="models",
             action="append",
             help="Short name (see `imgembed models`), TF Hub handle/URL, SavedModel folder, or "
-            ".pb/.tflite/.h5/.keras file (add #classification for class scores); repeat to "
-            f"embed with several models in one pass. Default: {EMBEDDED_MODEL_NAME}, real weights "
-            "shipped offline.",
+            ".pb/.tflite/.h5/.keras file, local or on gs:// (add #classification for class scores); "
+            f"repeat to embed with several models in one pass. Default: {EMBEDDED_MODEL_NAME}, real "
+            "weights shipped offline.",
         )
         parser.add_argument(
             "--top-k",
@@ -152,6 +149,14 @@ class EmbedOptions(PipelineOptions):
             help=f"Images with more pixels become error rows undecoded. Default: {DecodeLimits.max_pixels}.",
         )
         parser.add_argument(
+            "--max-error-rate",
+            dest="max_error_rate",
+            type=float,
+            default=0.5,
+            help="The run fails (exit code 1, with the top reasons) when more than this share of "
+            "the inputs became error rows for any model; 1 accepts anything. Default: 0.5.",
+        )
+        parser.add_argument(
             "--thumbnail-size",
             dest="thumbnail_size",
             type=int,
@@ -187,20 +192,20 @@ class EmbedOptions(PipelineOptions):
             help=f"The image column of Parquet inputs. Default: the first of {', '.join(IMAGE_COLUMNS)}.",
         )
         parser.add_argument(
+            "--metadata-fields",
+            dest="metadata_fields",
+            default=",".join(DEFAULT_METADATA_FIELDS),
+            help="What the shards say about each image, kept in the `metadata` column: fields of "
+            "img2dataset's .json sidecars, TFRecord features, other Parquet columns ('*': all; "
+            "'': none). Default: key,url,caption (img2dataset's names).",
+        )
+        parser.add_argument(
             "--files-per-shard",
             dest="files_per_shard",
             type=int,
             default=500,
-            help="Image files per input shard: the unit of output files and of resuming. Default: 500.",
-        )
-        parser.add_argument(
-            "--shards-per-wave",
-            dest="shards_per_wave",
-            type=int,
-            default=None,
-            help="Input shards per Beam job: each finished wave survives a crash. Default: "
-            f"{LOCAL_SHARDS_PER_WORKER} per worker process on the local runner; all shards in one job "
-            "on others (0 also means all).",
+            help="Image files per input shard: the unit of work, of output files and of resuming. "
+            "Default: 500.",
         )
         parser.add_argument(
             "--overwrite",
@@ -217,20 +222,17 @@ class EmbedConfig:
 
     shards: tuple[InputShard, ...]
     output_dir: str
-    models: tuple[ModelSpec, ...]
-    preprocessing: Preprocessing
-    limits: DecodeLimits
+    models: tuple[PreparedModel, ...]
+    preparer: ImagePreparer
+    read: ReadOptions
     batch_size: int
-    thumbnail_size: int
     top_k: int
-    backend: str
     inference_threads: int | None
-    image_column: str | None
-    shards_per_wave: int
+    max_error_rate: float
     overwrite: bool
 
     @classmethod
-    def from_options(cls, options: EmbedOptions) -> EmbedConfig:
+    def from_options(cls, options: EmbedOptions, local_workers: int | None) -> EmbedConfig:
         if not options.output:
             raise ValueError("--output is required")
         if options.batch_size < 1:
@@ -241,6 +243,12 @@ class EmbedConfig:
             raise ValueError(f"--top-k must be at least 1, got {options.top_k}")
         if not 0 <= options.thumbnail_size <= 1024:
             raise ValueError(f"--thumbnail-size must be between 0 and 1024, got {options.thumbnail_size}")
+        if not 0 <= options.max_error_rate <= 1:
+            raise ValueError(
+                f"--max-error-rate is a share of the inputs in [0, 1], got {options.max_error_rate}"
+            )
+        if options.files_per_shard < 1:
+            raise ValueError(f"--files-per-shard must be at least 1, got {options.files_per_shard}")
         # Cheap checks first, so a typo is reported before inputs are listed or a
         # model is downloaded; then those two at once (a big bucket lists for minutes).
         preprocessing = Preprocessing(options.resize, options.central_fraction, not options.exact_jpeg_decode)
@@ -248,279 +256,251 @@ class EmbedConfig:
             max_file_bytes=parse_size(options.max_file_bytes),
             max_pixels=options.max_image_pixels,
         )
-        if options.files_per_shard < 1:
-            raise ValueError(f"--files-per-shard must be at least 1, got {options.files_per_shard}")
         input_format = InputFormat.parse(options.input_format)
+        fields = tuple(field.strip() for field in options.metadata_fields.split(",") if field.strip())
         patterns = options.inputs or default_corpus_patterns()
-        with checked_meanwhile(options.models or [EMBEDDED_MODEL_NAME]) as checked_models:
+        with prepared_meanwhile(options.models or [EMBEDDED_MODEL_NAME], options.backend) as prepared:
             shards = tuple(plan_shards(patterns, input_format, options.files_per_shard))
-            models = tuple(checked_models())
-        names = [model.name for model in models]
+            models = tuple(prepared())
+        names = [model.spec.name for model in models]
         if len(set(names)) != len(names):
             raise ValueError(
                 f"two --model flags give the same name (output folder): {names}; "
                 "name one of them: --model other_name=PATH"
             )
+        sizes = tuple(sorted({model.spec.image_size for model in models}))
+        threads = options.inference_threads
+        if threads is None and local_workers:
+            # Split the cores between local worker processes: each running a model on
+            # every core would only make them wait for each other.
+            threads = max(1, (os.cpu_count() or 1) // local_workers)
         return cls(
             shards=shards,
             output_dir=options.output.rstrip("/") or "/",
             models=models,
-            preprocessing=preprocessing,
-            limits=limits,
+            preparer=ImagePreparer(preprocessing, sizes, limits, options.thumbnail_size),
+            read=ReadOptions(limits, options.image_column, fields),
             batch_size=options.batch_size,
-            thumbnail_size=options.thumbnail_size,
             top_k=options.top_k,
-            backend=options.backend,
-            inference_threads=options.inference_threads or _default_threads(options),
-            image_column=options.image_column,
-            shards_per_wave=_shards_per_wave(options),
+            inference_threads=threads,
+            max_error_rate=options.max_error_rate,
             overwrite=options.overwrite,
         )
 
     def settings(self) -> dict:
         """Everything besides the inputs that decides the outputs: part of shard keys."""
         return {
-            "models": [model.to_metadata() for model in self.models],
-            "preprocessing": self.preprocessing.to_metadata(),
-            "limits": dataclasses.asdict(self.limits),
-            "thumbnail_size": self.thumbnail_size,
+            "models": [model.spec.to_metadata() | {"backend": model.backend} for model in self.models],
+            "preprocessing": self.preparer.preprocessing.to_metadata(),
+            "limits": dataclasses.asdict(self.preparer.limits),
+            "thumbnail_size": self.preparer.thumbnail_size,
             "top_k": self.top_k,
-            "backend": self.backend,
-            "image_column": self.image_column,
+            "image_column": self.read.image_column,
+            "metadata_fields": list(self.read.metadata_fields),
         }
 
-    def file_metadata(self, model: ModelSpec) -> dict:
-        return {
-            "model": model.to_metadata(),
-            "preprocessing": self.preprocessing.to_metadata(),
-            "backend": self.backend,
-        }
 
-    def schema(self, model: ModelSpec):
-        """Of the model's embeddings files."""
-        return embedding_schema(
-            model.output_dim,
-            self.file_metadata(model),
-            self.thumbnail_size > 0,
-            top_k=model.flavour is Flavour.CLASSIFICATION,
-        )
+@dataclasses.dataclass(frozen=True)
+class DryRun:
+    """A job that was built, and not run; ``job_file`` holds it when asked for."""
+
+    job_file: str | None
 
 
-def _local_workers(options: PipelineOptions) -> int | None:
+def local_workers(options: PipelineOptions) -> int | None:
     """Worker processes of the local runner; None for any other runner."""
     standard = options.view_as(StandardOptions)
-    if standard.runner not in (None, "DirectRunner", "FnApiRunner", "SwitchingDirectRunner"):
+    if standard.runner not in LOCAL_RUNNERS:
         return None
     direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode != "multi_processing":
+        return 1
     return (os.cpu_count() or 1) if direct.direct_num_workers == 0 else max(1, direct.direct_num_workers)
 
 
-def _shards_per_wave(options: PipelineOptions) -> int:
-    configured = options.view_as(EmbedOptions).shards_per_wave
-    if configured is not None:
-        if configured < 0:
-            raise ValueError(f"--shards-per-wave must be 0 or more, got {configured}")
-        return configured
-    workers = _local_workers(options)
-    # A local job starts in seconds, a cloud job in minutes: only locally are waves
-    # cheap enough to be worth their safety.
-    return LOCAL_SHARDS_PER_WORKER * workers if workers else 0
+class MarkerTotals(beam.CombineFn):
+    """The run's totals: the sum of its shards' markers, one accumulator at a time."""
+
+    def create_accumulator(self):
+        return outputs.add_markers([])
+
+    def add_input(self, accumulator, marker):
+        return outputs.add_markers([accumulator, marker])
+
+    def merge_accumulators(self, accumulators):
+        return outputs.add_markers(list(accumulators))
+
+    def extract_output(self, accumulator):
+        return accumulator
 
 
-def _default_threads(options: PipelineOptions) -> int | None:
-    """On the local runner, split the cores between worker processes: each running
-    a model on every core would only make them wait for each other."""
-    workers = _local_workers(options)
-    return max(1, (os.cpu_count() or 1) // workers) if workers else None
+def totals_path(output_dir: str, settings: str) -> str:
+    return storage.join(output_dir, PLAN_FOLDER, f"totals-{settings}.json")
 
 
-def _inference_errors(failed, model_name: str):
-    """RunInference's dead letters are (batch, exception); one error row per image."""
-    batch, exception = failed
-    message = f"{type(exception).__name__}: {exception}"
-    Metrics.counter(METRICS_NAMESPACE, f"errors_{INFERENCE_FAILED}").inc(len(batch))
-    for (shard, key), _pixels in batch:
-        yield shard, error_row(key.uri, STAGE_INFERENCE, INFERENCE_FAILED, message, model_name)
-
-
-def _to_row(keys, result, top_k: int | None = None):
-    shard, key = keys
-    return shard, embedding_row(
-        key, result.inference, labels.top_k(result.inference, top_k) if top_k else None
-    )
-
-
-def embed_with(images, model: ModelSpec, config: EmbedConfig):
-    """One model's branch: its input size -> RunInference -> rows in part files,
-    (shard, part); and its (shard, error row)s."""
-    step = f"[{model.name}]"
-    handler = KeyedModelHandler(
-        EmbeddingModelHandler(
-            model, max_batch_size=config.batch_size, backend=config.backend, threads=config.inference_threads
-        )
-    )
-    embedded, dead_letters = (
-        images
-        | f"Pixels{step}" >> beam.MapTuple(lambda keys, by_size, size=model.image_size: (keys, by_size[size]))
-        | f"Embed{step}" >> RunInference(handler).with_exception_handling()
-    )
-    classifier = model.flavour is Flavour.CLASSIFICATION
-    parts = (
-        embedded
-        | f"ToRows{step}" >> beam.MapTuple(_to_row, top_k=config.top_k if classifier else None)
-        | f"WriteParts{step}"
-        >> beam.ParDo(outputs.WriteParts(config.output_dir, model.name, config.schema(model)))
-    )
-    errors = dead_letters.failed_inferences | f"InferenceErrors{step}" >> beam.FlatMap(
-        _inference_errors, model_name=model.name
-    )
-    return parts, errors
-
-
-def schemas(config: EmbedConfig) -> dict:
-    return {model.name: config.schema(model) for model in config.models}
-
-
-def build_pipeline(pipeline: beam.Pipeline, config: EmbedConfig, pending: dict[str, InputShard]) -> None:
-    read = (
-        pipeline
-        | "Pieces" >> beam.Create(pieces_largest_first(pending), reshuffle=False)
-        # Spread the pieces over the workers before reading them.
-        | "Spread" >> beam.Reshuffle()
-        | "ReadShards"
-        >> beam.ParDo(ReadShard(config.limits, config.image_column)).with_outputs(
-            ERRORS, COUNTS, main="images"
-        )
-    )
-    sizes = tuple(sorted({model.image_size for model in config.models}))
-    decoded = read.images | "DecodeAndResize" >> beam.ParDo(
-        DecodeAndResize(config.preprocessing, sizes, config.limits, config.thumbnail_size)
-    ).with_outputs(ERRORS, main="images")
-    branches = {model.name: embed_with(decoded.images, model, config) for model in config.models}
-    errors = (
-        read[ERRORS],
-        decoded[ERRORS],
-        *(errors for _, errors in branches.values()),
-    ) | "AllErrors" >> beam.Flatten()
-    parts = [parts for parts, _ in branches.values()] | "AllParts" >> beam.Flatten()
-    groups = {"counts": read[COUNTS], "errors": errors, "parts": parts}
-    settings = config.settings()
+def build_pipeline(pipeline: beam.Pipeline, job: ShardJob, plan: str) -> None:
+    """The whole job: its size does not depend on the number of inputs."""
     _ = (
-        groups
-        | "ByShard" >> beam.CoGroupByKey()
-        | "WriteShards"
-        >> beam.ParDo(
-            outputs.WriteShard(config.output_dir, schemas(config), settings, settings_key(settings))
+        pipeline
+        | "ReadPlan" >> beam.io.ReadFromText(plan, validate=False)
+        # One shard per element, spread over the workers (and not fused with the read).
+        | "Spread" >> beam.Reshuffle()
+        | "EmbedShards" >> beam.ParDo(EmbedShard(job))
+        | "Totals" >> beam.CombineGlobally(MarkerTotals())
+        | "WriteTotals"
+        >> beam.Map(
+            lambda total, path: outputs.write_whole(path, json.dumps(total).encode()),
+            path=totals_path(job.output_dir, job.settings_key),
         )
     )
 
 
-def _plan_outputs(config: EmbedConfig) -> tuple[dict[str, InputShard], list[str], int]:
-    """(shards still to do, every shard key of the run, how many were done before);
-    clears what a rerun must not mix with."""
-    names = [model.name for model in config.models]
-    key = settings_key(config.settings())
+def _plan_outputs(config: EmbedConfig, key: str, dry_run: bool) -> tuple[dict[str, InputShard], set[str]]:
+    """(every shard of the run by key, the keys of those complete before); clears what a
+    rerun must not mix with, unless it is a dry run, which changes nothing."""
+    names = [model.spec.name for model in config.models]
     keyed = {shard_key(shard, key): shard for shard in config.shards}
-    outputs.delete_leftover_temporaries(config.output_dir, names)
-    if config.overwrite:
-        outputs.delete_everything(config.output_dir, names)
     state = outputs.output_state(config.output_dir, names, set(keyed), key)
-    if state.foreign:
+    if state.foreign and not config.overwrite:
         raise ValueError(
             f"{config.output_dir} holds shards embedded with other settings ({state.foreign[0]} ...); "
             "pass --overwrite to replace them or choose another --output"
         )
+    if dry_run:
+        return keyed, state.done
+    outputs.delete_leftover_temporaries(config.output_dir, names)
+    if config.overwrite:
+        outputs.delete_everything(config.output_dir, state.foreign, names)
+        return keyed, set()
     if state.stale:
         _log.warning(
             "removing %d output files of shards whose inputs changed since the last run", len(state.stale)
         )
-        FileSystems.delete(state.stale)
-    pending = {k: shard for k, shard in keyed.items() if k not in state.done}
-    return pending, sorted(keyed), len(state.done)
+        storage.delete(state.stale)
+    return keyed, state.done
 
 
-def _counter(result, name: str) -> int | None:
-    try:
-        found = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name(name))
-    except NotImplementedError:  # some runners cannot report metrics
-        return None
-    values = [counter.result for counter in found["counters"]]
-    return sum(values) if values else 0
+class MarkerWatcher:
+    """Shows the job's progress from outside it, on any runner: the markers of the
+    run's shards, listed every PROGRESS_POLL_SECONDS while the job runs."""
+
+    def __init__(self, output_dir: str, pending: dict[str, InputShard]):
+        self._output_dir = output_dir
+        self._pending = pending
+        self._stop = threading.Event()
+        # Image files are counted by the shard; a container's images are not known before.
+        self._by_images = all(shard.kind == "files" for shard in pending.values())
+        self._thread = threading.Thread(target=self._watch, name="marker-watcher", daemon=True)
+
+    def __enter__(self):
+        if self._pending:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _weight(self, key: str) -> int:
+        return len(self._pending[key].paths) if self._by_images else 1
+
+    def _watch(self) -> None:
+        total = sum(self._weight(key) for key in self._pending)
+        seen: set[str] = set()
+        with progress.phase("embed", total, "images" if self._by_images else "shards") as bar:
+            while True:
+                stopping = self._stop.wait(PROGRESS_POLL_SECONDS)
+                try:
+                    found = {key_of(path) for path in storage.list_files(markers_glob(self._output_dir))}
+                except Exception as error:  # a failed listing costs a progress update, not the job
+                    _log.debug("listing markers failed: %s", error)
+                    found = seen
+                new = (found & self._pending.keys()) - seen
+                seen |= new
+                bar.advance(sum(self._weight(key) for key in new))
+                if stopping:
+                    return
 
 
-def _model_images_per_sec(result, model_name: str) -> float | None:
-    """Images per second inside one model's calls (RunInference's own metrics)."""
-    step = MetricsFilter().with_step(f"Embed[{model_name}]")
-    try:
-        latencies = result.metrics().query(step.with_name("inference_batch_latency_micro_secs"))
-        counts = result.metrics().query(step.with_name("num_inferences"))
-    except NotImplementedError:  # some runners cannot report metrics
-        return None
-    micros = sum(distribution.result.sum for distribution in latencies["distributions"])
-    inferences = sum(counter.result for counter in counts["counters"])
-    return inferences / (micros / 1e6) if micros and inferences else None
+def _job_failure(error: Exception) -> str:
+    """The message of the exception that failed the job on a worker, found in the
+    runner's report of it (every runner wraps it in its own)."""
+    text = str(error)
+    for line in text.splitlines():
+        match = re.search(rf"\b({'|'.join(JOB_FAILURES)}): (.+)$", line)
+        if match:
+            return f"{match.group(1)}: {match.group(2)}"
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
-def _write_job_file(result, options: PipelineOptions) -> None:
+class JobFailed(RuntimeError):
+    """The job stopped before every shard was done; the shards done are kept."""
+
+
+def run(
+    argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None
+) -> outputs.RunSummary | DryRun:
+    options = PipelineOptions(argv)
+    dry_run = bool(options.view_as(TestOptions).dry_run)
+    config = EmbedConfig.from_options(options.view_as(EmbedOptions), local_workers(options))
+    if options.view_as(StandardOptions).runner == "DataflowRunner" and storage.is_local(config.output_dir):
+        raise ValueError(
+            f"--output {config.output_dir} is on this machine: Dataflow workers cannot write there"
+        )
+    for model in config.models:
+        if model.note:
+            _log.warning("%s", model.note)
+    key = settings_key(config.settings())
+    keyed, done = _plan_outputs(config, key, dry_run)
+    job = ShardJob(
+        output_dir=config.output_dir,
+        settings_key=key,
+        models=tuple(stage(model, config.output_dir, dry_run) for model in config.models),
+        preparer=config.preparer,
+        read=config.read,
+        batch_size=config.batch_size,
+        top_k=config.top_k,
+        threads=config.inference_threads,
+    )
+    plan = plan_path(config.output_dir, key)
+    if not dry_run:
+        write_plan(plan, keyed)
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    build_pipeline(pipeline, job, plan)
+    started = time.monotonic()
+    pending = {} if dry_run else {shard: keyed[shard] for shard in keyed.keys() - done}
+    with MarkerWatcher(config.output_dir, pending):
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+        except Exception as error:  # the runner's report of a worker's failure
+            raise JobFailed(_job_failure(error)) from error
+    if dry_run:
+        return DryRun(_write_job_file(result, options))
+    total = storage.read_json(totals_path(config.output_dir, key))
+    backends = {model.spec.name: model.backend for model in config.models}
+    summary = outputs.RunSummary.from_markers(
+        total, config.output_dir, backends, len(done), time.monotonic() - started, config.max_error_rate
+    )
+    outputs.write_summary(config.output_dir, summary)
+    storage.delete_folder(storage.join(config.output_dir, PLAN_FOLDER))
+    return summary
+
+
+def _write_job_file(result, options: PipelineOptions) -> str | None:
     """A dry run builds the Dataflow job without submitting it; keep its spec, and the
     pipeline graph Dataflow would run, when --dataflow_job_file asks for them."""
     from google.protobuf import json_format
 
     job_file = options.view_as(DebugOptions).dataflow_job_file
     job = getattr(result, "job", None)
-    if job_file and job is not None:
-        spec = {"job": json.loads(job.json()), "pipeline": json_format.MessageToDict(job.proto_pipeline)}
-        with FileSystems.create(job_file) as file:
-            file.write(json.dumps(spec, indent=1).encode())
-
-
-def _waves(pending: dict[str, InputShard], size: int) -> list[dict[str, InputShard]]:
-    keys = sorted(pending)
-    size = size or len(keys)
-    return [{key: pending[key] for key in keys[start : start + size]} for start in range(0, len(keys), size)]
-
-
-def run(
-    argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None
-) -> outputs.RunSummary | None:
-    options = PipelineOptions(argv)
-    config = EmbedConfig.from_options(options.view_as(EmbedOptions))
-    pending, keys, done_before = _plan_outputs(config)
-
-    started = time.monotonic()
-    decoded, model_seconds = 0, {model.name: [] for model in config.models}
-    # Shards are written after a shuffle that, in batch, waits for all of a job's
-    # inputs: one job per wave of shards is what lets a crash keep finished waves.
-    for wave in _waves(pending, config.shards_per_wave):
-        pipeline = test_pipeline or beam.Pipeline(options=options)
-        build_pipeline(pipeline, config, wave)
-        result = pipeline.run()
-        result.wait_until_finish()
-        if options.view_as(TestOptions).dry_run:
-            _write_job_file(result, options)
-            return None  # the job was built, not run
-        decoded += _counter(result, "images_decoded") or 0
-        for model in config.models:
-            model_seconds[model.name].append(_model_images_per_sec(result, model.name))
-
-    # Each shard's writer removed its parts; what is left is their empty folder.
-    outputs.delete_folder(outputs.parts_folder(config.output_dir))
-    summary = outputs.summarize(
-        config.output_dir,
-        [model.name for model in config.models],
-        keys,
-        done_before,
-        seconds=time.monotonic() - started,
-        images_decoded=decoded,
-        model_images_per_sec={name: _mean(rates) for name, rates in model_seconds.items()},
-    )
-    outputs.write_summary(config.output_dir, summary)
-    return summary
-
-
-def _mean(values: list[float | None]) -> float | None:
-    known = [value for value in values if value]
-    return sum(known) / len(known) if known else None
+    if not job_file or job is None:
+        return None
+    spec = {"job": json.loads(job.json()), "pipeline": json_format.MessageToDict(job.proto_pipeline)}
+    storage.write_bytes(job_file, json.dumps(spec, indent=1).encode())
+    return job_file
 
 
 def print_help() -> None:
@@ -534,6 +514,20 @@ def print_help() -> None:
     parser.print_help()
 
 
+def error_rate_report(summary: outputs.RunSummary) -> str | None:
+    """Why the run failed, when too many inputs became error rows; else None."""
+    over = summary.over_error_rate()
+    if not over:
+        return None
+    lines = [
+        f"imgembed embed: {summary.error_rate(model):.0%} of the inputs failed for {model.model} "
+        f"(more than --max-error-rate {summary.max_error_rate:g}); the most common reasons:"
+        for model in over
+    ]
+    lines += [f"  {reason}: {count} (e.g. {example})" for reason, count, example in summary.top_reasons()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print_help()
@@ -541,12 +535,25 @@ def main(argv: list[str]) -> int:
     if not any(arg.startswith("--runner") for arg in argv):
         argv = [*argv, *DEFAULT_RUNNER_ARGS]
     try:
-        summary = run(argv)
+        result = run(argv)
     except (InputError, ModelLoadError, ValueError) as error:
         print(f"imgembed embed: {error}", file=sys.stderr)
         return 2
-    if summary is None:
-        print("imgembed embed: dry run, nothing was embedded")
+    except JobFailed as failure:
+        print(
+            f"imgembed embed: the job stopped: {failure}\n"
+            "Shards finished before are kept; run the same command again to do the rest.",
+            file=sys.stderr,
+        )
+        return 1
+    if isinstance(result, DryRun):
+        print(f"imgembed embed: dry run, nothing was embedded (job in {result.job_file or 'no file'})")
         return 0
-    print(summary.report())
-    return 0 if summary.balanced else 1
+    print(result.report())
+    if not result.balanced:
+        return 1
+    failed = error_rate_report(result)
+    if failed:
+        print(failed, file=sys.stderr)
+        return 1
+    return 0

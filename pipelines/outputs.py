@@ -1,131 +1,37 @@
-"""Where the embed job writes, how, and what it wrote: one set of files per input shard.
+"""What the embed job writes, and what an output folder already holds.
 
-Layout under ``--output DIR`` (KEY names an input shard under the run's settings,
-see pipelines/shards.py)::
-
-    DIR/<model-name>/embeddings-KEY.parquet   the shard's rows, one per embedded image
-    DIR/errors-KEY.parquet                    the shard's inputs that failed, with reasons
-    DIR/_shards/KEY.json                      written last: the shard is complete, and its counts
-    DIR/run_summary.json                      the sum over the run's shards
-    DIR/_parts/KEY/                           while a shard is being made: its rows in parts
-
-Rows are written where they are made, into part files of up to 500 rows
-(``WriteParts``); the shuffle to the shard's writer (``WriteShard``) carries their
-names and the error rows, not embeddings and thumbnails, so it stays small on every
-runner (the local runner holds a shuffle in memory). The writer joins the parts
-into the shard's files. Each file is written to a temporary name and renamed, and
-the marker comes last, so a crash leaves either a complete shard or one that the
-next run redoes.
+A shard's files (one embeddings file per model, its errors file) are written
+first and its marker last, each in one piece (aside and renamed on local disks;
+object stores show an object only once its upload is complete), so a kill at any
+moment leaves either a complete shard or one that the next run redoes. The marker
+holds the shard's counts; the run's summary is their sum, computed by the job.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 
-import apache_beam as beam
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import BeamIOError
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms.window import GlobalWindows
 
+from imgembed.common import storage
 from imgembed.common.embedding_files import (
-    ERROR_SCHEMA,
     MARKERS,
-    PARQUET_SUFFIX,
-    STAGE_INFERENCE,
     SUMMARY_FILE,
+    embeddings_glob,
     embeddings_path,
     errors_glob,
     errors_path,
     key_of,
     marker_path,
+    markers_glob,
 )
-from imgembed.common.embedding_files import embeddings_glob as model_glob
+from imgembed.pipelines.model_staging import MODELS_FOLDER
+from imgembed.pipelines.shards import PLAN_FOLDER, settings_of
 
-PARTS = "_parts"
-# A shard's rows are written as a part when it has this many...
-ROWS_PER_PART = 500
-# ...or when the rows a worker holds for all its shards reach this size. Shards
-# arrive interleaved (their pieces are dealt out largest first), and writing every
-# shard's few rows each time the worker held 500 made parts of ~32 rows: 1.6 ms to
-# write and read each locally (50 us a row, against 10 in 200-row parts), and a
-# request apiece on an object store.
-MAX_HELD_BYTES = 64 * 2**20
-_log = logging.getLogger(__name__)
-
-
-def parts_folder(output_dir: str, key: str | None = None) -> str:
-    folder = FileSystems.join(output_dir, PARTS)
-    return FileSystems.join(folder, key) if key else folder
-
-
-def embeddings_glob(output_dir: str, model_name: str) -> str:
-    return model_glob(FileSystems.join(output_dir, model_name))
-
-
-def list_files(pattern: str) -> list[str]:
-    (result,) = FileSystems.match([pattern])
-    return sorted(metadata.path for metadata in result.metadata_list)
-
-
-def read_json(path: str) -> dict:
-    with FileSystems.open(path) as file:
-        return json.loads(file.read())
-
-
-def write_file(path: str, data: bytes) -> None:
-    _ensure_folder(path.rsplit("/", 1)[0])
-    with FileSystems.create(path) as file:
-        file.write(data)
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write aside, then rename: readers see the whole file or none of it."""
-    temporary = FileSystems.join(path.rsplit("/", 1)[0], f".tmp-{uuid.uuid4().hex}")
-    write_file(temporary, data)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([temporary], [path])
-
-
-def delete_folder(folder: str) -> None:
-    """A folder and everything in it (on object stores, under the prefix), if any."""
-    # Object stores delete a prefix given a trailing slash; a local path names the folder.
-    is_local = FileSystems.get_scheme(folder) is None
-    try:
-        FileSystems.delete([folder if is_local else folder + "/"])
-    except BeamIOError:
-        if FileSystems.exists(folder):
-            raise
-
-
-def _ensure_folder(folder: str) -> None:
-    # Workers writing shards of one model race to create its folder.
-    try:
-        FileSystems.mkdirs(folder)
-    except OSError:
-        if not FileSystems.exists(folder):
-            raise
-
-
-def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """The embedding column is built from one array, not row by row."""
-    columns = {}
-    for field in schema:
-        values = [row[field.name] for row in rows]
-        if pa.types.is_fixed_size_list(field.type):
-            flat = np.concatenate(values).astype(np.float32) if values else np.zeros(0, np.float32)
-            columns[field.name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), field.type.list_size)
-        else:
-            columns[field.name] = pa.array(values, field.type)
-    return pa.table(columns, schema=schema)
+TEMPORARY_PREFIX = ".tmp-"
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -137,131 +43,27 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def read_table(path: str) -> pa.Table:
-    with FileSystems.open(path) as file:
-        return pq.read_table(file)
+def write_whole(path: str, data: bytes) -> None:
+    """Readers see the whole file or none of it."""
+    if storage.is_local(path):
+        storage.write_atomically(path, data)
+    else:  # an object appears only when its upload completes: no rename (a copy) needed
+        storage.write_bytes(path, data)
 
 
-class WriteParts(beam.DoFn):
-    """One model's (key, row)s -> part files under DIR/_parts/KEY/, each announced
-    downstream as (key, {"model", "path", "rows"}).
-
-    Only parts that reach the writer join the shard: a retried bundle's parts are
-    announced by the attempt that succeeded, and the others are deleted with the
-    folder.
-    """
-
-    def __init__(
-        self,
-        output_dir: str,
-        model: str,
-        schema: pa.Schema,
-        rows_per_part: int = ROWS_PER_PART,
-        max_held_bytes: int = MAX_HELD_BYTES,
-    ):
-        self._output_dir = output_dir
-        self._model = model
-        self._schema = schema
-        self._rows_per_part = rows_per_part
-        self._max_held_bytes = max_held_bytes
-
-    def start_bundle(self):
-        self._rows: dict[str, list[dict]] = defaultdict(list)
-        self._bytes: dict[str, int] = defaultdict(int)  # of each shard's rows held
-        self._held_bytes = 0
-
-    def process(self, element):
-        key, row = element
-        rows = self._rows[key]
-        rows.append(row)
-        size = _row_bytes(row)
-        self._bytes[key] += size
-        self._held_bytes += size
-        if len(rows) >= self._rows_per_part:
-            yield from self._write_parts([key])
-        elif self._held_bytes >= self._max_held_bytes:
-            yield from self._write_parts(list(self._rows))
-
-    def finish_bundle(self):
-        for part in self._write_parts(list(self._rows)):
-            yield GlobalWindows.windowed_value(part)
-
-    def _write_parts(self, keys: list[str]):
-        for key in keys:
-            rows = self._rows.pop(key)
-            self._held_bytes -= self._bytes.pop(key)
-            folder = parts_folder(self._output_dir, key)
-            path = FileSystems.join(folder, f"{self._model}-{uuid.uuid4().hex}{PARQUET_SUFFIX}")
-            # No rename needed (a costly copy on object stores): a part is named
-            # downstream only once it is whole.
-            write_file(path, parquet_bytes(rows_table(rows, self._schema)))
-            yield key, {"model": self._model, "path": path, "rows": len(rows)}
+def write_shard(
+    output_dir: str, key: str, tables: dict[str, pa.Table], errors: pa.Table, marker: dict
+) -> None:
+    """The shard's files, then its marker: the marker says the rest is complete."""
+    for model, table in tables.items():
+        write_whole(embeddings_path(output_dir, model, key), parquet_bytes(table))
+    write_whole(errors_path(output_dir, key), parquet_bytes(errors))
+    write_whole(marker_path(output_dir, key), json.dumps(marker, sort_keys=True).encode())
 
 
-def _row_bytes(row: dict) -> int:
-    """About what a held row costs: its arrays, strings and bytes."""
-    return sum(
-        value.nbytes if isinstance(value, np.ndarray) else len(value) if isinstance(value, str | bytes) else 8
-        for value in row.values()
-    )
-
-
-class AccountingError(RuntimeError):
-    """A shard's inputs are not all rows or error rows: never write such a shard."""
-
-
-class WriteShard(beam.DoFn):
-    """(key, {"counts": [n], "errors": [rows], "parts": [parts]}) -> the shard's files.
-
-    Idempotent: a retry of a shard whose marker is written only cleans up its parts."""
-
-    def __init__(self, output_dir: str, schemas: dict[str, pa.Schema], settings: dict, settings_key: str):
-        self._output_dir = output_dir
-        self._schemas = schemas
-        self._settings = settings
-        self._settings_key = settings_key
-
-    def process(self, element):
-        key, groups = element
-        if not self._is_complete(key):
-            self._write(key, groups)
-        delete_folder(parts_folder(self._output_dir, key))
-        yield key
-
-    def _is_complete(self, key: str) -> bool:
-        marker = marker_path(self._output_dir, key)
-        return FileSystems.exists(marker) and read_json(marker)["settings_key"] == self._settings_key
-
-    def _write(self, key: str, groups: dict) -> None:
-        inputs = sum(groups["counts"])  # one count per piece the shard was read in
-        errors = sorted(groups["errors"], key=lambda row: (row["uri"], row["stage"], row["model"] or ""))
-        input_errors = [row for row in errors if row["stage"] != STAGE_INFERENCE]
-        marker = {
-            "key": key,
-            "settings_key": self._settings_key,
-            "models": sorted(self._schemas),
-            "inputs": inputs,
-            "input_errors": len(input_errors),
-            "errors_by_reason": dict(Counter(row["reason"] for row in errors)),
-            "rows": {},
-            "inference_errors": {},
-        }
-        for model, schema in self._schemas.items():
-            parts = [read_table(part["path"]) for part in groups["parts"] if part["model"] == model]
-            # Sorted and in one chunk: the same rows give the same bytes on every run.
-            rows = pa.concat_tables([schema.empty_table(), *parts]).sort_by("uri").combine_chunks()
-            failed = sum(1 for row in errors if row["stage"] == STAGE_INFERENCE and row["model"] == model)
-            duplicates = len(rows) - pc.count_distinct(rows["id"]).as_py()
-            if len(rows) + len(input_errors) + failed != inputs or duplicates:
-                raise AccountingError(
-                    f"shard {key}, model {model}: {inputs} inputs but {len(rows)} rows + "
-                    f"{len(input_errors) + failed} errors ({duplicates} duplicate ids)"
-                )
-            write_atomically(embeddings_path(self._output_dir, model, key), parquet_bytes(rows))
-            marker["rows"][model] = len(rows)
-            marker["inference_errors"][model] = failed
-        write_atomically(errors_path(self._output_dir, key), parquet_bytes(rows_table(errors, ERROR_SCHEMA)))
-        write_atomically(marker_path(self._output_dir, key), json.dumps(marker, sort_keys=True).encode())
+def read_marker(output_dir: str, key: str) -> dict | None:
+    path = marker_path(output_dir, key)
+    return storage.read_json(path) if storage.exists(path) else None
 
 
 @dataclasses.dataclass
@@ -269,55 +71,97 @@ class OutputState:
     """What an output folder already holds, against the shards a run plans."""
 
     done: set[str]  # planned shards already complete
-    stale: list[str]  # files of shards this run does not plan (inputs changed since)
-    foreign: list[str]  # complete shards made with other settings (model, preprocessing...)
+    stale: list[str]  # files of this run's settings that it does not plan (inputs changed since)
+    foreign: list[str]  # markers of shards made with other settings (model, preprocessing...)
 
 
-def output_state(
-    output_dir: str, model_names: list[str], planned: set[str], settings_key: str
-) -> OutputState:
-    markers = {key_of(path): path for path in list_files(FileSystems.join(output_dir, MARKERS, "*.json"))}
-    foreign_keys = {key for key, path in markers.items() if read_json(path)["settings_key"] != settings_key}
-    stale = [path for key, path in markers.items() if key not in planned and key not in foreign_keys]
-    # Data files of unplanned shards go too: with a marker of these settings, their
-    # inputs are planned in other shards now; without one, a crashed run left them.
-    patterns = [errors_glob(output_dir)] + [embeddings_glob(output_dir, name) for name in model_names]
+def output_state(output_dir: str, model_names: list[str], planned: set[str], settings: str) -> OutputState:
+    """From listings alone: shard keys name their settings. Each folder is listed
+    once, whatever the number of shards."""
+    patterns = [markers_glob(output_dir), errors_glob(output_dir)]
+    patterns += [embeddings_glob(storage.join(output_dir, name)) for name in model_names]
+    markers, *data = [sorted(found) for found in storage.match_sizes(patterns)]
+    ours = [path for path in markers if settings_of(key_of(path)) == settings]
+    foreign = [path for path in markers if settings_of(key_of(path)) != settings]
+    done = {key_of(path) for path in ours} & planned
+    stale = [path for path in ours if key_of(path) not in planned]
     stale += [
         path
-        for pattern in patterns
-        for path in list_files(pattern)
-        if key_of(path) not in planned and key_of(path) not in foreign_keys
+        for paths in data
+        for path in paths
+        if settings_of(key_of(path)) == settings and key_of(path) not in planned
     ]
-    done = {key for key in markers if key in planned and key not in foreign_keys}
-    return OutputState(done, stale, [markers[key] for key in sorted(foreign_keys)])
+    return OutputState(done, stale, foreign)
 
 
 def delete_leftover_temporaries(output_dir: str, model_names: list[str]) -> None:
-    """Files a killed run was writing when it died (never renamed into place), and
-    the parts of shards it did not finish."""
-    folders = [output_dir, FileSystems.join(output_dir, MARKERS)]
-    folders += [FileSystems.join(output_dir, name) for name in model_names]
-    paths = [path for folder in folders for path in list_files(FileSystems.join(folder, ".tmp-*"))]
-    if paths:
-        FileSystems.delete(paths)
-    delete_folder(parts_folder(output_dir))
+    """Files a killed run was writing when it died (never renamed into place)."""
+    folders = [output_dir, storage.join(output_dir, MARKERS)]
+    folders += [storage.join(output_dir, name) for name in model_names]
+    patterns = [storage.join(folder, TEMPORARY_PREFIX + "*") for folder in folders]
+    storage.delete([path for found in storage.match_sizes(patterns) for path in found])
 
 
-def delete_everything(output_dir: str, model_names: list[str]) -> None:
-    patterns = [FileSystems.join(output_dir, MARKERS, "*.json"), errors_glob(output_dir)]
-    patterns += [embeddings_glob(output_dir, name) for name in model_names]
-    paths = [path for pattern in patterns for path in list_files(pattern)]
-    if paths:
-        FileSystems.delete(paths)
+def delete_everything(output_dir: str, foreign_markers: list[str], model_names: list[str]) -> None:
+    """Every output imgembed wrote in the folder, of any settings: the model folders
+    this run uses and those the other settings' markers name (one marker each)."""
+    first_of_each = {}
+    for path in foreign_markers:
+        first_of_each.setdefault(settings_of(key_of(path)), path)
+    names = set(model_names)
+    for path in first_of_each.values():
+        names |= set(storage.read_json(path)["models"])
+    patterns = [markers_glob(output_dir), errors_glob(output_dir)]
+    patterns += [embeddings_glob(storage.join(output_dir, name)) for name in sorted(names)]
+    storage.delete([path for found in storage.match_sizes(patterns) for path in found])
+    for folder in (PLAN_FOLDER, MODELS_FOLDER):
+        storage.delete_folder(storage.join(output_dir, folder))
+    summary = storage.join(output_dir, SUMMARY_FILE)
+    if storage.exists(summary):
+        storage.delete([summary])
+
+
+# --- the run's summary: the sum of its shards' markers ---------------------------------
+
+
+def add_markers(markers) -> dict:
+    """Sums shard markers into one: counts add up, each reason keeps its first example
+    (by URI, so the same run gives the same summary)."""
+    total = {
+        "shards": 0,
+        "inputs": 0,
+        "input_errors": 0,
+        "images_decoded": 0,
+        "errors_by_reason": Counter(),
+        "error_examples": {},
+        "rows": Counter(),
+        "inference_errors": Counter(),
+        "model_seconds": Counter(),
+    }
+    for marker in markers:
+        total["shards"] += marker.get("shards", 1)
+        for name in ("inputs", "input_errors", "images_decoded"):
+            total[name] += marker[name]
+        for name in ("errors_by_reason", "rows", "inference_errors", "model_seconds"):
+            total[name].update(marker[name])
+        for reason, uri in marker["error_examples"].items():
+            known = total["error_examples"].get(reason)
+            total["error_examples"][reason] = uri if known is None else min(known, uri)
+    return {name: dict(value) if isinstance(value, Counter) else value for name, value in total.items()}
 
 
 @dataclasses.dataclass
 class ModelSummary:
     model: str
+    backend: str
     rows: int
     inference_errors: int
-    images_per_sec_in_model: float | None  # in one stream of model calls (one worker thread)
+    model_seconds: float  # in model calls, summed over workers
     embeddings: str
+
+    @property
+    def ms_per_image(self) -> float | None:
+        return 1000 * self.model_seconds / self.rows if self.rows else None
 
 
 @dataclasses.dataclass
@@ -326,14 +170,51 @@ class RunSummary:
     in every shard, for every model, inputs = rows + read/decode errors + inference errors."""
 
     inputs: int
-    images_decoded: int | None
+    images_decoded: int
     input_errors: int
     errors_by_reason: dict[str, int]
+    error_examples: dict[str, str]
     models: list[ModelSummary]
     shards: int
     shards_done_before: int
     seconds: float
     errors: str
+    max_error_rate: float  # the share of failed inputs above which the run failed
+
+    @classmethod
+    def from_markers(
+        cls,
+        total: dict,
+        output_dir: str,
+        backends: dict[str, str],
+        done_before: int,
+        seconds: float,
+        max_error_rate: float,
+    ) -> RunSummary:
+        models = [
+            ModelSummary(
+                name,
+                backend,
+                total["rows"].get(name, 0),
+                total["inference_errors"].get(name, 0),
+                round(total["model_seconds"].get(name, 0.0), 3),
+                embeddings_glob(storage.join(output_dir, name)),
+            )
+            for name, backend in backends.items()
+        ]
+        return cls(
+            inputs=total["inputs"],
+            images_decoded=total["images_decoded"],
+            input_errors=total["input_errors"],
+            errors_by_reason=total["errors_by_reason"],
+            error_examples=total["error_examples"],
+            models=models,
+            shards=total["shards"],
+            shards_done_before=done_before,
+            seconds=round(seconds, 3),
+            errors=errors_glob(output_dir),
+            max_error_rate=max_error_rate,
+        )
 
     @property
     def errors_total(self) -> int:
@@ -344,6 +225,17 @@ class RunSummary:
         return all(
             self.inputs == model.rows + self.input_errors + model.inference_errors for model in self.models
         )
+
+    def error_rate(self, model: ModelSummary) -> float:
+        return (self.input_errors + model.inference_errors) / self.inputs if self.inputs else 0.0
+
+    def over_error_rate(self) -> list[ModelSummary]:
+        return [model for model in self.models if self.error_rate(model) > self.max_error_rate]
+
+    def top_reasons(self, count: int = 5) -> list[tuple[str, int, str]]:
+        """(reason, how many, an example input), the most common first."""
+        ranked = sorted(self.errors_by_reason.items(), key=lambda item: (-item[1], item[0]))[:count]
+        return [(reason, number, self.error_examples.get(reason, "")) for reason, number in ranked]
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
@@ -360,10 +252,10 @@ class RunSummary:
         ]
         for model in self.models:
             speed = f"{model.rows / max(self.seconds, 1e-9):.1f} images/s end to end"
-            if model.images_per_sec_in_model:
-                speed += f", {1000 / model.images_per_sec_in_model:.1f} ms of model time per image"
+            if model.ms_per_image:
+                speed += f", {model.ms_per_image:.1f} ms of model time per image"
             lines += [
-                f"Embedded {model.rows} images with {model.model} ({speed})",
+                f"Embedded {model.rows} images with {model.model} on {model.backend} ({speed})",
                 f"  inputs {self.inputs} = embedded {model.rows} + errors {self.input_errors + model.inference_errors}",
                 f"  embeddings: {model.embeddings}",
             ]
@@ -375,44 +267,7 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def summarize(
-    output_dir: str,
-    model_names: list[str],
-    keys: list[str],
-    done_before: int,
-    seconds: float,
-    images_decoded: int | None,
-    model_images_per_sec: dict[str, float | None],
-) -> RunSummary:
-    """Adds up the markers of the run's shards (the files they name are complete)."""
-    markers = [read_json(marker_path(output_dir, key)) for key in keys]
-    models = [
-        ModelSummary(
-            model=name,
-            rows=sum(marker["rows"][name] for marker in markers),
-            inference_errors=sum(marker["inference_errors"][name] for marker in markers),
-            images_per_sec_in_model=model_images_per_sec.get(name),
-            embeddings=embeddings_glob(output_dir, name),
-        )
-        for name in model_names
-    ]
-    reasons: Counter[str] = Counter()
-    for marker in markers:
-        reasons.update(marker["errors_by_reason"])
-    return RunSummary(
-        inputs=sum(marker["inputs"] for marker in markers),
-        images_decoded=images_decoded,
-        input_errors=sum(marker["input_errors"] for marker in markers),
-        errors_by_reason=dict(reasons),
-        models=models,
-        shards=len(keys),
-        shards_done_before=done_before,
-        seconds=seconds,
-        errors=errors_glob(output_dir),
-    )
-
-
 def write_summary(output_dir: str, summary: RunSummary) -> str:
-    path = FileSystems.join(output_dir, SUMMARY_FILE)
-    write_atomically(path, summary.to_json().encode())
+    path = storage.join(output_dir, SUMMARY_FILE)
+    write_whole(path, summary.to_json().encode())
     return path

@@ -3,11 +3,14 @@
 An input shard is either a group of image files (``--files-per-shard`` of the
 sorted matched files) or one container file: a TFRecord of ``tf.train.Example``
 (``image/encoded``), a WebDataset tar, or a Parquet file with an image-bytes
-column (the formats img2dataset writes). Each shard produces one Parquet file per
-model, one errors file and, last, one marker that says the shard is complete and
-what it held. Output files are named by a key that hashes the shard's content
-(its inputs and their sizes) together with the models, preprocessing and limits
-of the run, so a rerun recognises finished shards and only does the rest.
+column (the formats img2dataset writes). One worker takes a shard from its
+inputs to its Parquet files and, last, its marker, without waiting for any other
+shard. Output files are named by a key made of the run's settings and the
+shard's content (its inputs and their sizes), so a rerun recognises finished
+shards and only does the rest.
+
+The launcher writes the plan, one JSON line per shard, beside the outputs; the
+job reads it there, so the job's graph is the same size for 10 inputs or 10^7.
 
 >>> plan = plan_shards(["photos/*.jpg"], InputFormat.AUTO, files_per_shard=1000)
 """
@@ -19,8 +22,7 @@ import hashlib
 import json
 import os
 
-from apache_beam.io.filesystems import FileSystems
-
+from imgembed.common import storage
 from imgembed.common.choices import Choice
 
 # Extensions that make a file a container of images rather than an image.
@@ -31,11 +33,12 @@ CONTAINER_SUFFIXES = {
     ".tar": "webdataset",
     ".parquet": "parquet",
 }
-
-# A worker reads ahead only within a piece, so each piece starts with one wait on
-# storage: 32 files make that wait rare, and a 500-file shard still spreads over
-# 16 workers.
-FILES_PER_PIECE = 32
+# Files beside images that describe them (img2dataset's "files" output writes
+# 000001.jpg with 000001.json and 000001.txt): read as the image's metadata.
+SIDECAR_SUFFIXES = (".json", ".txt")
+# img2dataset's own bookkeeping: never an input.
+STATS_SUFFIX = "_stats.json"
+PLAN_FOLDER = "_plan"
 
 
 class InputFormat(Choice):
@@ -54,74 +57,81 @@ class InputError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class InputShard:
-    """``kind`` is "files" (``paths`` are images) or a container format (one path)."""
+    """``kind`` is "files" (``paths`` are images) or a container format (one path).
+    ``sidecars`` holds, per path, the metadata files found beside it."""
 
     kind: str
     paths: tuple[str, ...]
     sizes: tuple[int, ...]
-
-    def pieces(self) -> list[InputShard]:
-        """Units of reading: FILES_PER_PIECE files of a files shard (so the files of
-        one shard spread over workers, and a worker reads the next files of its piece
-        while it decodes one), a container whole (it is read in order)."""
-        if self.kind != "files":
-            return [self]
-        return [
-            InputShard(
-                "files",
-                self.paths[start : start + FILES_PER_PIECE],
-                self.sizes[start : start + FILES_PER_PIECE],
-            )
-            for start in range(0, len(self.paths), FILES_PER_PIECE)
-        ]
+    sidecars: tuple[tuple[str, ...], ...] = ()
 
     def content_key(self) -> str:
         digest = hashlib.sha256(self.kind.encode())
         for path, size in zip(self.paths, self.sizes, strict=True):
             digest.update(f"\0{path}\0{size}".encode())
+        for names in self.sidecars:
+            digest.update(("\0" + "\0".join(names)).encode())
         return digest.hexdigest()
 
+    def to_json(self, key: str) -> str:
+        fields = {"key": key, "kind": self.kind, "paths": self.paths, "sizes": self.sizes}
+        if any(self.sidecars):
+            fields["sidecars"] = self.sidecars
+        return json.dumps(fields, separators=(",", ":"))
 
-def shard_key(shard: InputShard, settings_key: str) -> str:
-    """The name of a shard's outputs: its content, under this run's settings."""
-    return hashlib.sha256(f"{shard.content_key()}:{settings_key}".encode()).hexdigest()[:24]
+    @classmethod
+    def from_json(cls, line: str) -> tuple[str, InputShard]:
+        fields = json.loads(line)
+        sidecars = tuple(tuple(names) for names in fields.get("sidecars", ()))
+        return fields["key"], cls(fields["kind"], tuple(fields["paths"]), tuple(fields["sizes"]), sidecars)
 
 
 def settings_key(settings: dict) -> str:
     """A hash of what, besides the inputs, decides a shard's outputs."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def shard_key(shard: InputShard, settings: str) -> str:
+    """The name of a shard's outputs: the run's settings, then the shard's content.
+    Outputs of other settings are told apart by their names alone."""
+    return f"{settings}-{shard.content_key()[:20]}"
+
+
+def settings_of(key: str) -> str:
+    return key.split("-", 1)[0]
 
 
 def expand_patterns(patterns: list[str]) -> list[str]:
     """Turns folders into recursive globs and refuses patterns that match nothing."""
-    expanded = []
-    for pattern in patterns:
-        if not any(char in pattern for char in "*?[") and _is_folder(pattern):
-            pattern = FileSystems.join(pattern.rstrip("/"), "**")
-        try:
-            (result,) = FileSystems.match([pattern], limits=[1])
-        except Exception as error:  # each filesystem raises its own kind of error
-            raise InputError(f"cannot list {pattern}: {error}") from error
-        if not result.metadata_list:
+    expanded = [
+        storage.join(pattern.rstrip("/"), "**")
+        if not any(char in pattern for char in "*?[") and _is_folder(pattern)
+        else pattern
+        for pattern in patterns
+    ]
+    try:
+        found = storage.match_sizes(expanded)
+    except Exception as error:  # each filesystem raises its own kind of error
+        raise InputError(f"cannot list {', '.join(patterns)}: {error}") from error
+    for pattern, files in zip(expanded, found, strict=True):
+        if not files:
             raise InputError(f"no files match {pattern}")
-        expanded.append(pattern)
     return expanded
 
 
 def _is_folder(path: str) -> bool:
     # Object stores have no folders, only prefixes: a trailing slash marks one.
-    is_local = FileSystems.get_scheme(path) is None
-    return path.endswith("/") or (is_local and os.path.isdir(path))
+    return path.endswith("/") or (storage.is_local(path) and os.path.isdir(path))
 
 
 def list_inputs(patterns: list[str]) -> dict[str, int]:
-    """Every file the patterns match (each once), with its size; folders excluded."""
+    """Every file the patterns match (each once), with its size; folders excluded.
+    Patterns are listed at the same time."""
     found: dict[str, int] = {}
-    for result in FileSystems.match(list(patterns)):
-        for metadata in result.metadata_list:
-            is_local_folder = FileSystems.get_scheme(metadata.path) is None and os.path.isdir(metadata.path)
-            if not is_local_folder:
-                found[metadata.path] = metadata.size_in_bytes
+    for files in storage.match_sizes(patterns):
+        for path, size in files.items():
+            if not (storage.is_local(path) and os.path.isdir(path)):
+                found[path] = size
     return found
 
 
@@ -133,35 +143,49 @@ def kind_of(path: str, input_format: InputFormat) -> str:
 
 def plan_shards(patterns: list[str], input_format: InputFormat, files_per_shard: int) -> list[InputShard]:
     """Deterministic shards of everything the patterns match: the same inputs give
-    the same shards on every run."""
+    the same shards on every run. img2dataset's side files are not inputs: its
+    ``_stats.json``, the metadata Parquet beside each tar, and the ``.json`` and
+    ``.txt`` beside each image, which become that image's metadata."""
     files = list_inputs(expand_patterns(patterns))
-    images = sorted(path for path in files if kind_of(path, input_format) == "files")
+    stems = {
+        os.path.splitext(path)[0]: path
+        for path in files
+        if os.path.splitext(path)[1].lower() not in SIDECAR_SUFFIXES
+    }
+    sidecars: dict[str, list[str]] = {}
+    inputs = []
+    for path in sorted(files):
+        stem, suffix = os.path.splitext(path)
+        if path.endswith(STATS_SUFFIX):
+            continue
+        if suffix.lower() in SIDECAR_SUFFIXES and stem in stems:
+            sidecars.setdefault(stems[stem], []).append(path)
+            continue
+        if suffix.lower() == ".parquet" and f"{stem}.tar" in files and input_format is InputFormat.AUTO:
+            continue  # img2dataset's per-shard metadata: the tar holds the images
+        inputs.append(path)
     shards = [
         InputShard(kind_of(path, input_format), (path,), (files[path],))
-        for path in sorted(files)
+        for path in inputs
         if kind_of(path, input_format) != "files"
     ]
+    images = [path for path in inputs if kind_of(path, input_format) == "files"]
     for start in range(0, len(images), files_per_shard):
         chunk = tuple(images[start : start + files_per_shard])
-        shards.append(InputShard("files", chunk, tuple(files[path] for path in chunk)))
+        found = tuple(tuple(sidecars.get(path, ())) for path in chunk)
+        shards.append(
+            InputShard("files", chunk, tuple(files[path] for path in chunk), found if any(found) else ())
+        )
     return shards
 
 
-def pieces_largest_first(shards: dict[str, InputShard]) -> list[tuple[str, InputShard]]:
-    """(shard key, piece) for every piece of ``shards``, the most bytes first, in the
-    same order on every run.
+def plan_path(output_dir: str, settings: str) -> str:
+    return storage.join(output_dir, PLAN_FOLDER, f"shards-{settings}.jsonl")
 
-    Runners deal out work in the order it comes, and the local runner deals a
-    stage's elements to its workers round-robin, once. Dealt largest first (the
-    longest-processing-time-first rule), each round gives every worker about the
-    same, the last rounds deal the smallest pieces, and the workers finish together:
-    two workers' shares differ by at most the largest piece less the smallest.
-    Bytes stand for time: a photo's decode time follows its size (r = 0.98 on the
-    benchmark's photos, 300 to 4000 px). On the benchmark's 19,846 images this
-    order leaves 0.15 s between two workers where a shuffled one left 0.67 s, and
-    in shard order every shard's short last piece went to the same worker."""
-    pieces = [
-        (key, number, piece) for key, shard in shards.items() for number, piece in enumerate(shard.pieces())
-    ]
-    pieces.sort(key=lambda item: (-sum(item[2].sizes), item[0], item[1]))
-    return [(key, piece) for key, _, piece in pieces]
+
+def write_plan(path: str, shards: dict[str, InputShard]) -> None:
+    """One JSON line per shard, the most bytes first: runners deal out work in the
+    order it comes, so the last shards dealt are the smallest and workers finish
+    together (the longest-processing-time-first rule)."""
+    ordered = sorted(shards.items(), key=lambda item: (-sum(item[1].sizes), item[0]))
+    storage.write_atomically(path, "".join(shard.to_json(key) + "\n" for key, shard in ordered).encode())

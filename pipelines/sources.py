@@ -1,71 +1,182 @@
-"""Input shards -> (shard key, (uri, bytes)) through Beam's FileSystems (local, gs://, s3://...).
+"""An input shard -> its inputs, one Record each, through Beam's FileSystems (local,
+gs://, s3://...).
 
-Every input of a shard leaves as image bytes or as an error row, and each shard
-also reports how many inputs it held, so that the writer can prove nothing was
-lost. Inputs over the byte limit, empty inputs and unreadable ones become error
-rows without their bytes being read. Container records get a URI with a
+Every input leaves as bytes or as an ImageError, with what its shard says about it
+(``metadata``: an img2dataset sidecar's key, url and caption, a TFRecord's other
+features, a Parquet file's other columns). Container records get a URI with a
 fragment: ``shard.tfrecord#17``, ``shard.tar#000017.jpg``, ``shard.parquet#17``.
+
+Faults have two meanings. An input's own fault (empty, over the byte limit, gone
+since it was listed, a corrupt container) is that input's answer: an ImageError,
+which becomes an error row. Anything else (permission denied, a throttled or
+unreachable store) is retried here, and if it outlasts the retries it raises
+ShardUnreadable: the shard gets no marker, the runner retries its bundle, and a
+rerun tries it again.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import json
 import logging
 import os
 import tarfile
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
-import apache_beam as beam
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
-from imgembed.common.embedding_files import STAGE_READ
-from imgembed.pipelines.dead_letters import METRICS_NAMESPACE, keyed_dead_letter
 from imgembed.pipelines.shards import InputShard
 from imgembed.transforms.decode import DecodeLimits, ImageError, check_file_size
 
-COUNTS = "counts"
-READ_FAILED = "read_failed"
+NOT_FOUND = "not_found"
 NO_IMAGE = "no_image_in_record"
 CORRUPT_CONTAINER = "corrupt_container"
+NO_IMAGE_COLUMN = "no_image_column"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # Binary columns img2dataset and others store images in, in order of preference.
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "image_bytes", "bytes")
 TFRECORD_IMAGE = "image/encoded"
+# What img2dataset says about each image, under its names; "*" keeps every field.
+DEFAULT_METADATA_FIELDS = ("key", "url", "caption")
 # How far reading runs ahead of decoding: enough files to hide an object store's
 # latency (tens of ms against a few ms of decoding); in threads, bytes bounded too.
 READ_AHEAD_FILES = 8
 READ_AHEAD_BYTES = 64 << 20
+# A read that fails for a reason other than the input itself is tried again after
+# each of these pauses (seconds): throttling and brief outages pass in that time.
+RETRY_PAUSES = (0.5, 2.0, 5.0)
 _log = logging.getLogger(__name__)
 
 
+class Record(NamedTuple):
+    uri: str
+    data: bytes | ImageError
+    metadata: dict | None = None
+
+
+class ShardUnreadable(Exception):
+    """A fault that is not the input's own outlasted the retries."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """``image_column``: of Parquet inputs (None: the first of IMAGE_COLUMNS);
+    ``metadata_fields``: kept from sidecars, features and columns (("*",): all)."""
+
+    limits: DecodeLimits = DecodeLimits()
+    image_column: str | None = None
+    metadata_fields: tuple[str, ...] = DEFAULT_METADATA_FIELDS
+    retry_pauses: tuple[float, ...] = RETRY_PAUSES
+
+    def keep(self, fields: dict) -> dict | None:
+        """The scalar fields asked for (values that are not text, numbers or
+        booleans are dropped: a metadata column holds small facts, not blobs)."""
+        every = "*" in self.metadata_fields
+        kept = {
+            name: value
+            for name, value in fields.items()
+            if (every or name in self.metadata_fields) and isinstance(value, str | int | float | bool)
+        }
+        return kept or None
+
+
+def _filesystems():
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems
+
+
 def _open(path: str):
-    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    from apache_beam.io.filesystem import CompressionTypes
+
+    return _filesystems().open(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
-def _read_file(path: str, size: int, limits: DecodeLimits) -> bytes:
-    check_file_size(size, limits)
+def is_missing(error: BaseException) -> bool:
+    """The file is gone (deleted since it was listed): on every filesystem Beam knows."""
+    from apache_beam.io.filesystem import BeamIOError
+
+    if isinstance(error, FileNotFoundError) or type(error).__name__ == "NotFound":
+        return True
+    if isinstance(error, BeamIOError):
+        return any(is_missing(inner) for inner in (error.exception_details or {}).values())
+    return False
+
+
+def with_retries(read: Callable[[], object], what: str, pauses: tuple[float, ...]):
+    """``read()``, tried again after each pause while it fails for a reason that is
+    not the input's own; a missing file is an ImageError, the rest ShardUnreadable."""
+    for attempt in range(len(pauses) + 1):
+        try:
+            return read()
+        except ImageError:
+            raise
+        except Exception as error:  # every filesystem raises its own kinds
+            if is_missing(error):
+                raise ImageError(NOT_FOUND, f"{what} is gone: {error}") from None
+            if attempt == len(pauses):
+                raise ShardUnreadable(f"cannot read {what}: {type(error).__name__}: {error}") from error
+            _log.info("reading %s failed (%s); trying again in %.1f s", what, error, pauses[attempt])
+            time.sleep(pauses[attempt])
+    raise AssertionError("unreachable")
+
+
+def read_shard(shard: InputShard, options: ReadOptions, reader: ThreadPoolExecutor) -> Iterator[Record]:
+    """Every input of the shard, in the shard's order."""
+    if shard.kind == "files":
+        yield from _image_files(shard, options, reader)
+        return
+    (path,) = shard.paths
+    opened = with_retries(lambda: _open(path), path, options.retry_pauses)
+    with opened as file:
+        if shard.kind == "tfrecord":
+            yield from _tfrecord_images(path, file, options)
+        elif shard.kind == "webdataset":
+            yield from _webdataset_images(path, file, options)
+        else:
+            yield from _parquet_images(path, file, options)
+
+
+# --- image files -------------------------------------------------------------
+
+
+def _sidecar_metadata(paths: tuple[str, ...], options: ReadOptions) -> dict | None:
+    """img2dataset's ``.json`` (its fields) and ``.txt`` (the caption) beside an image."""
+    fields: dict = {}
+    for path in paths:
+        text = with_retries(lambda path=path: _read_all(path), path, options.retry_pauses).decode(
+            "utf-8", "replace"
+        )
+        if path.endswith(".json"):
+            try:
+                fields |= json.loads(text)
+            except ValueError:
+                _log.info("%s is not JSON; ignored", path)
+        else:
+            fields.setdefault("caption", text.strip())
+    return options.keep(fields)
+
+
+def _read_all(path: str) -> bytes:
     with _open(path) as file:
         return file.read()
 
 
-def _read_failed(path: str, error: Exception) -> ImageError:
-    _log.warning("cannot read %s: %s", path, error)
-    return ImageError(READ_FAILED, f"{type(error).__name__}: {error}")
+def _image_files(shard: InputShard, options: ReadOptions, reader: ThreadPoolExecutor):
+    sidecars = shard.sidecars or ((),) * len(shard.paths)
+    if all(_filesystems().get_scheme(path) is None for path in shard.paths):
+        contents = _local_files(shard, options)
+    else:
+        contents = _files_in_threads(shard, options, reader)
+    for (path, data), names in zip(contents, sidecars, strict=True):
+        yield Record(path, data, _sidecar_metadata(names, options) if names else None)
 
 
-def _image_files(shard: InputShard, limits: DecodeLimits, reader: ThreadPoolExecutor):
-    """(uri, bytes or ImageError) for each file of a files shard, in order, read
-    ahead of decoding so that waiting on storage overlaps work. Files over the byte
-    limit are refused unread (their sizes are known from the listing)."""
-    if all(FileSystems.get_scheme(path) is None for path in shard.paths):
-        return _local_files(shard, limits)
-    return _files_in_threads(shard, limits, reader)
-
-
-def _local_files(shard: InputShard, limits: DecodeLimits):
+def _local_files(shard: InputShard, options: ReadOptions):
     """Local files: the kernel reads the next READ_AHEAD_FILES ahead (posix_fadvise
     WILLNEED) while this thread decodes. Reader threads would cost more here than
     they hide: measured in 0.25_224 workers, they took 0.26 ms of CPU per image
@@ -74,12 +185,11 @@ def _local_files(shard: InputShard, limits: DecodeLimits):
 
     def open_ahead(path: str, size: int):
         try:
-            check_file_size(size, limits)
-            file = open(path, "rb")  # noqa: SIM115 - closed in oldest(), after the read
+            check_file_size(size, options.limits)
+            # Closed in oldest(), after the read.
+            file = with_retries(lambda: open(path, "rb"), path, options.retry_pauses)  # noqa: SIM115
         except ImageError as error:
             return path, error
-        except OSError as error:
-            return path, _read_failed(path, error)
         if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the OS's own read-ahead
             os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
         return path, file
@@ -88,11 +198,11 @@ def _local_files(shard: InputShard, limits: DecodeLimits):
         path, file = opened.popleft()
         if isinstance(file, ImageError):
             return path, file
-        try:
-            with file:
-                return path, file.read()
-        except OSError as error:
-            return path, _read_failed(path, error)
+        with file:
+            try:
+                return path, with_retries(file.read, path, options.retry_pauses)
+            except ImageError as error:
+                return path, error
 
     try:
         for path, size in zip(shard.paths, shard.sizes, strict=True):
@@ -107,11 +217,15 @@ def _local_files(shard: InputShard, limits: DecodeLimits):
                 file.close()
 
 
-def _files_in_threads(shard: InputShard, limits: DecodeLimits, reader: ThreadPoolExecutor):
+def _read_checked(path: str, size: int, options: ReadOptions) -> bytes:
+    check_file_size(size, options.limits)
+    return with_retries(lambda: _read_all(path), path, options.retry_pauses)
+
+
+def _files_in_threads(shard: InputShard, options: ReadOptions, reader: ThreadPoolExecutor):
     """Files on an object store or other remote filesystem: up to READ_AHEAD_FILES
     (READ_AHEAD_BYTES) are read ahead by ``reader``'s threads, hiding each request's
-    latency (tens of ms against a few ms of decoding); the bytes held stay bounded.
-    """
+    latency (tens of ms against a few ms of decoding); the bytes held stay bounded."""
     reading = collections.deque()  # (path, future of its bytes, bytes it holds)
     held = 0
 
@@ -123,120 +237,136 @@ def _files_in_threads(shard: InputShard, limits: DecodeLimits, reader: ThreadPoo
             return path, future.result()
         except ImageError as error:
             return path, error
-        except Exception as error:  # every filesystem raises its own kind of error
-            return path, _read_failed(path, error)
 
-    for path, size in zip(shard.paths, shard.sizes, strict=True):
-        holds = size if size <= limits.max_file_bytes else 0
-        while reading and (len(reading) > READ_AHEAD_FILES or held + holds > READ_AHEAD_BYTES):
+    try:
+        for path, size in zip(shard.paths, shard.sizes, strict=True):
+            holds = size if size <= options.limits.max_file_bytes else 0
+            while reading and (len(reading) > READ_AHEAD_FILES or held + holds > READ_AHEAD_BYTES):
+                yield oldest()
+            reading.append((path, reader.submit(_read_checked, path, size, options), holds))
+            held += holds
+        while reading:
             yield oldest()
-        reading.append((path, reader.submit(_read_file, path, size, limits), holds))
-        held += holds
-    while reading:
-        yield oldest()
+    finally:  # stopped early: reads not started yet are dropped
+        for _, future, _ in reading:
+            future.cancel()
 
 
-def _tfrecord_images(path: str):
-    """tf.train.Example records with an ``image/encoded`` bytes feature."""
+# --- containers ----------------------------------------------------------------
+
+
+def _sized(record: Record, limits: DecodeLimits) -> Record:
+    if isinstance(record.data, bytes):
+        try:
+            check_file_size(len(record.data), limits)
+        except ImageError as error:
+            return record._replace(data=error)
+    return record
+
+
+def _tfrecord_images(path: str, file, options: ReadOptions):
+    """tf.train.Example records with an ``image/encoded`` bytes feature; the other
+    features (text and numbers of one value) are the record's metadata."""
     from apache_beam.io.tfrecordio import _TFRecordUtil
     from tensorflow.core.example import example_pb2
 
-    with _open(path) as file:
-        index = 0
-        while True:
+    index = 0
+    while True:
+        try:
+            record = _TFRecordUtil.read_record(file)
+        except Exception as error:  # a bad length or CRC: the rest of the file is lost
+            message = f"TFRecord unreadable from record {index}: {error}"
+            yield Record(f"{path}#{index}", ImageError(CORRUPT_CONTAINER, message))
+            return
+        if record is None:
+            return
+        features = example_pb2.Example.FromString(record).features.feature
+        values = features[TFRECORD_IMAGE].bytes_list.value if TFRECORD_IMAGE in features else []
+        data = values[0] if values else ImageError(NO_IMAGE, f"no {TFRECORD_IMAGE} feature")
+        fields = {
+            name: _feature_value(feature) for name, feature in features.items() if name != TFRECORD_IMAGE
+        }
+        yield _sized(Record(f"{path}#{index}", data, options.keep(fields)), options.limits)
+        index += 1
+
+
+def _feature_value(feature):
+    for kind in ("bytes_list", "int64_list", "float_list"):
+        values = list(getattr(feature, kind).value)
+        if len(values) == 1:
+            value = values[0]
+            if isinstance(value, bytes):
+                try:
+                    return value.decode("utf-8")
+                except UnicodeDecodeError:
+                    return None  # binary: not metadata
+            return value
+    return None
+
+
+def _webdataset_images(path: str, file, options: ReadOptions):
+    """Image members of a WebDataset tar; a sample's ``.json`` and ``.txt`` members
+    (``<key>.jpg`` beside ``<key>.json``, ``<key>.txt``) are its metadata. Members of a
+    sample sit together in the tar, in any order."""
+
+    def sample_records(key: str, members: dict[str, bytes]):
+        fields = {}
+        if "json" in members:
             try:
-                record = _TFRecordUtil.read_record(file)
-            except Exception as error:  # a bad length or CRC: the rest of the file is lost
-                yield (
-                    f"{path}#{index}",
-                    ImageError(CORRUPT_CONTAINER, f"TFRecord unreadable from record {index}: {error}"),
-                )
-                return
-            if record is None:
-                return
-            example = example_pb2.Example.FromString(record)
-            values = example.features.feature[TFRECORD_IMAGE].bytes_list.value
-            yield (
-                f"{path}#{index}",
-                values[0] if values else ImageError(NO_IMAGE, f"no {TFRECORD_IMAGE} feature"),
-            )
-            index += 1
+                fields |= json.loads(members["json"])
+            except ValueError:
+                _log.info("%s#%s.json is not JSON; ignored", path, key)
+        if "txt" in members:
+            fields.setdefault("caption", members["txt"].decode("utf-8", "replace").strip())
+        metadata = options.keep(fields)
+        for extension, data in members.items():
+            if extension in IMAGE_EXTENSIONS:
+                yield _sized(Record(f"{path}#{key}.{extension}", data, metadata), options.limits)
+
+    key, members = None, {}
+    try:
+        with tarfile.open(fileobj=file, mode="r|*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                stem, _, extension = name.partition(".")
+                member_key = f"{folder}/{stem}" if folder else stem
+                if member_key != key:
+                    if key is not None:
+                        yield from sample_records(key, members)
+                    key, members = member_key, {}
+                members[extension.lower()] = archive.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as error:
+        if key is not None:
+            yield from sample_records(key, members)
+        yield Record(f"{path}#<rest>", ImageError(CORRUPT_CONTAINER, f"tar archive unreadable: {error}"))
+        return
+    if key is not None:
+        yield from sample_records(key, members)
 
 
-def _webdataset_images(path: str):
-    """Image members of a WebDataset tar (``<key>.jpg`` beside ``<key>.json``...)."""
-    with _open(path) as file:
-        try:
-            with tarfile.open(fileobj=file, mode="r|*") as archive:
-                for member in archive:
-                    extension = member.name.rsplit(".", 1)[-1].lower()
-                    if member.isfile() and extension in IMAGE_EXTENSIONS:
-                        yield f"{path}#{member.name}", archive.extractfile(member).read()
-        except (tarfile.TarError, EOFError, OSError) as error:
-            yield f"{path}#<rest>", ImageError(CORRUPT_CONTAINER, f"tar archive unreadable: {error}")
-
-
-def _parquet_images(path: str, column: str | None):
-    with _open(path) as file:
+def _parquet_images(path: str, file, options: ReadOptions):
+    try:
         parquet = pq.ParquetFile(file)
-        names = parquet.schema_arrow.names
-        chosen = column or next((name for name in IMAGE_COLUMNS if name in names), None)
-        if chosen is None or chosen not in names:
-            raise ValueError(
-                f"{path} has no image column (looked for {column or IMAGE_COLUMNS}, found {names})"
-            )
-        row = 0
-        for batch in parquet.iter_batches(columns=[chosen], batch_size=256):
-            for value in batch.column(0).to_pylist():
-                yield f"{path}#{row}", value if value else ImageError(NO_IMAGE, f"empty {chosen} value")
-                row += 1
-
-
-class ReadShard(beam.DoFn):
-    """(key, a piece of the shard) -> (key, (uri, bytes)); errors -> (key, error row);
-    counts -> (key, number of inputs in the piece), which the writer adds up."""
-
-    def __init__(self, limits: DecodeLimits, image_column: str | None = None):
-        self._limits = limits
-        self._image_column = image_column
-        self._inputs = Metrics.counter(METRICS_NAMESPACE, "inputs")
-        self._reader = None
-
-    def setup(self):
-        self._reader = ThreadPoolExecutor(READ_AHEAD_FILES, thread_name_prefix="read-ahead")
-
-    def teardown(self):
-        if self._reader is not None:
-            self._reader.shutdown(cancel_futures=True)
-
-    def _records(self, shard: InputShard):
-        if shard.kind == "files":
-            return _image_files(shard, self._limits, self._reader)
-        (path,) = shard.paths
-        if shard.kind == "tfrecord":
-            return _tfrecord_images(path)
-        if shard.kind == "webdataset":
-            return _webdataset_images(path)
-        return _parquet_images(path, self._image_column)
-
-    def process(self, element):
-        key, shard = element
-        count = 0
-        try:
-            for uri, data in self._records(shard):
-                count += 1
-                if isinstance(data, bytes) and shard.kind != "files":
-                    try:
-                        check_file_size(len(data), self._limits)
-                    except ImageError as error:
-                        data = error
-                if isinstance(data, ImageError):
-                    yield keyed_dead_letter(key, uri, STAGE_READ, data.reason, data.message)
-                else:
-                    yield key, (uri, data)
-        except Exception as error:  # a container that cannot be opened at all
-            count += 1
-            message = f"{type(error).__name__}: {error}"
-            yield keyed_dead_letter(key, shard.paths[0], STAGE_READ, READ_FAILED, message)
-        self._inputs.inc(count)
-        yield beam.pvalue.TaggedOutput(COUNTS, (key, count))
+    except Exception as error:  # pyarrow raises ArrowInvalid and friends on junk
+        yield Record(path, ImageError(CORRUPT_CONTAINER, f"not a Parquet file: {error}"))
+        return
+    names = parquet.schema_arrow.names
+    chosen = options.image_column or next((name for name in IMAGE_COLUMNS if name in names), None)
+    if chosen is None or chosen not in names:
+        wanted = options.image_column or ", ".join(IMAGE_COLUMNS)
+        yield Record(
+            path, ImageError(NO_IMAGE_COLUMN, f"no image column (looked for {wanted}; found {names})")
+        )
+        return
+    every = "*" in options.metadata_fields
+    others = [name for name in names if name != chosen and (every or name in options.metadata_fields)]
+    row = 0
+    for batch in parquet.iter_batches(columns=[chosen, *others], batch_size=256):
+        images = batch.column(0).to_pylist()
+        fields = batch.select(others).to_pylist() if others else [{}] * len(images)
+        for value, metadata in zip(images, fields, strict=True):
+            data = value if value else ImageError(NO_IMAGE, f"empty {chosen} value")
+            yield _sized(Record(f"{path}#{row}", data, options.keep(metadata)), options.limits)
+            row += 1

@@ -41,3 +41,33 @@ def photo_dir(tmp_path) -> pathlib.Path:
         else:
             image.save(folder / f"photo_{seed}.jpg", quality=90)
     return folder
+
+
+def require_tool(path: pathlib.Path, what: str) -> None:
+    """Skips a test whose real component is not installed, except in CI, where every
+    component must run (.ci/run sets IMGEMBED_REQUIRE_TOOLS)."""
+    if not path.exists():
+        message = f"{what} is not installed at {path} (./run_tests.sh installs it)"
+        if os.environ.get("IMGEMBED_REQUIRE_TOOLS"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A real GCS-protocol server for the session; this process and the processes it
+    starts reach it through the environment."""
+    from tests.gcs import EMULATOR, gcs_server
+
+    require_tool(EMULATOR, "gcp-storage-emulator")
+    with gcs_server(tmp_path_factory.mktemp("gcs")) as server:
+        saved = {name: os.environ.get(name) for name in server.env}
+        os.environ.update(server.env)
+        try:
+            yield server
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value

@@ -22,12 +22,12 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from fixtures.images import photo_like, truncated_jpeg
-from imgembed.common.embedding_files import image_id, read_metadata
+from imgembed.common.embedding_files import embeddings_glob, errors_glob, image_id, read_metadata
 from imgembed.models.embedded import graph_path
 from imgembed.models.embedder import scale_pixels
 from imgembed.models.loading import load_model, resolve_spec
 from imgembed.models.registry import EMBEDDED_MODEL_NAME
-from imgembed.pipelines import embed, outputs
+from imgembed.pipelines import embed
 from imgembed.pipelines.default_corpus import default_corpus_patterns
 from imgembed.transforms.decode import DecodeLimits, decode_image
 from imgembed.transforms.resize import Preprocessing
@@ -40,11 +40,11 @@ def read_table(pattern: str) -> pa.Table:
 
 
 def embeddings(output_dir, model_name) -> pa.Table:
-    return read_table(outputs.embeddings_glob(str(output_dir), model_name))
+    return read_table(embeddings_glob(os.path.join(str(output_dir), model_name)))
 
 
 def errors(output_dir) -> pa.Table:
-    return read_table(outputs.errors_glob(str(output_dir)))
+    return read_table(errors_glob(str(output_dir)))
 
 
 def add_bad_files(folder) -> dict[str, str]:

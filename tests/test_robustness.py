@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import tifffile
 from PIL import Image
 
@@ -28,7 +29,9 @@ from fixtures.images import (
     truncated_jpeg,
     ycck_jpeg,
 )
-from imgembed.pipelines import embed, outputs
+from imgembed.common.embedding_files import embeddings_glob, errors_glob
+from imgembed.models.registry import EMBEDDED_MODEL_NAME
+from imgembed.pipelines import embed
 from imgembed.transforms import decode
 
 BIN = os.path.dirname(sys.executable)
@@ -156,9 +159,9 @@ def test_the_bad_input_corpus_loses_nothing_and_names_every_reason(tiny_model_di
     assert completed.returncode == 0, completed.stderr[-3000:]  # no crash on the multi-process runner
 
     rows = pa.concat_tables(
-        pq.read_table(p) for p in glob.glob(outputs.embeddings_glob(str(output), "tiny_mobilenet_64"))
+        pq.read_table(p) for p in glob.glob(embeddings_glob(os.path.join(str(output), "tiny_mobilenet_64")))
     )
-    errors = pa.concat_tables(pq.read_table(p) for p in glob.glob(outputs.errors_glob(str(output))))
+    errors = pa.concat_tables(pq.read_table(p) for p in glob.glob(errors_glob(str(output))))
     outcome = {os.path.basename(uri): ROW for uri in rows["uri"].to_pylist()}
     outcome |= {os.path.basename(e["uri"]): e["reason"] for e in errors.to_pylist()}
     assert outcome == {name: expected for name, (_, expected) in cases.items()}
@@ -195,37 +198,54 @@ def test_a_decompression_bomb_is_refused_within_a_gigabyte(tmp_path):
     assert completed.stdout.strip() == decode.TOO_MANY_PIXELS, completed.stderr[-2000:]
 
 
-def test_a_run_killed_halfway_finishes_on_rerun_with_one_row_per_input(tiny_model_dir, tmp_path):
+def markers_in(output) -> dict[str, float]:
+    """Each committed shard's marker, with the time it was written."""
+    return {path: os.path.getmtime(path) for path in glob.glob(str(output / "_shards" / "*.json"))}
+
+
+@pytest.mark.slow
+def test_a_job_killed_at_60_percent_keeps_its_finished_shards_and_the_rerun_does_only_the_rest(tmp_path):
+    # 1500 photos in 60 shards, with the real default model: the work, not the start-up,
+    # takes most of the run, so 60% of the time is well past a third of the shards.
     folder = tmp_path / "photos"
     folder.mkdir()
-    for seed in range(60):
-        photo_like(seed, 160, 120).save(folder / f"{seed:03d}.jpg")
-    output = tmp_path / "out"
-    command = [os.path.join(BIN, "imgembed"), "embed", f"--input={folder}", f"--output={output}"]
-    command += [f"--model={tiny_model_dir}", "--files-per-shard=4", "--shards-per-wave=2"]
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    distinct = [encode(photo_like(seed, 256, 192), "JPEG", quality=90) for seed in range(100)]
+    for number in range(1500):
+        (folder / f"{number:04d}.jpg").write_bytes(distinct[number % 100])
+    command = [os.path.join(BIN, "imgembed"), "embed", f"--input={folder}", "--files-per-shard=25"]
+
+    started = time.monotonic()
+    complete = subprocess.run(
+        command + [f"--output={tmp_path / 'complete'}"], capture_output=True, timeout=900
     )
-    deadline = time.monotonic() + 300
-    while len(glob.glob(str(output / "_shards" / "*.json"))) < 3 and time.monotonic() < deadline:
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
+    assert complete.returncode == 0, complete.stderr[-3000:]
+    whole_run = time.monotonic() - started
+
+    output = tmp_path / "killed"
+    process = subprocess.Popen(
+        command + [f"--output={output}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    time.sleep(0.6 * whole_run)
+    assert process.poll() is None, "the run ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers, as a crash would
     process.wait()
-    done_at_kill = len(glob.glob(str(output / "_shards" / "*.json")))
-    assert 3 <= done_at_kill < 15
+    committed = markers_in(output)
+    assert 60 // 3 <= len(committed) < 60, (len(committed), whole_run)
 
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(command + [f"--output={output}"], capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads((output / "run_summary.json").read_text())
-    assert summary["shards"] == 15 and summary["shards_done_before"] >= done_at_kill
+    assert (summary["shards"], summary["shards_done_before"]) == (60, len(committed))
+    assert {path: markers_in(output)[path] for path in committed} == committed  # done shards untouched
     table = pa.concat_tables(
-        pq.read_table(p) for p in glob.glob(outputs.embeddings_glob(str(output), "tiny_mobilenet_64"))
+        pq.read_table(p) for p in glob.glob(embeddings_glob(os.path.join(output, EMBEDDED_MODEL_NAME)))
     )
     uris = table["uri"].to_pylist()
-    assert len(uris) == len(set(uris)) == 60 and summary["inputs"] == 60 and summary["balanced"]
+    assert len(uris) == len(set(uris)) == 1500 and summary["inputs"] == 1500 and summary["balanced"]
     assert not glob.glob(str(output / "**" / ".tmp-*"), recursive=True)  # the killed writes are cleaned up
-    assert not (output / outputs.PARTS).exists()  # and so are the parts of unfinished shards
 
 
 def test_reruns_give_byte_identical_embeddings(photo_dir, tiny_model_dir, tmp_path):
@@ -235,7 +255,7 @@ def test_reruns_give_byte_identical_embeddings(photo_dir, tiny_model_dir, tmp_pa
         embed.run([f"--input={photo_dir}", f"--output={output}", f"--model={tiny_model_dir}"] + IN_PROCESS)
         table = pa.concat_tables(
             pq.read_table(p)
-            for p in sorted(glob.glob(outputs.embeddings_glob(str(output), "tiny_mobilenet_64")))
+            for p in sorted(glob.glob(embeddings_glob(os.path.join(str(output), "tiny_mobilenet_64"))))
         )
         runs.append(table.sort_by("id"))
     first, second = runs
@@ -288,7 +308,8 @@ def test_the_same_corpus_in_every_shard_format_gives_the_same_embeddings(tiny_mo
         )
         assert summary.models[0].rows == 8 and summary.balanced, name
         table = pa.concat_tables(
-            pq.read_table(p) for p in glob.glob(outputs.embeddings_glob(str(output), "tiny_mobilenet_64"))
+            pq.read_table(p)
+            for p in glob.glob(embeddings_glob(os.path.join(str(output), "tiny_mobilenet_64")))
         )
         by_format[name] = {row["sha256"]: np.asarray(row["embedding"]) for row in table.to_pylist()}
     reference = by_format["files"]
@@ -298,7 +319,7 @@ def test_the_same_corpus_in_every_shard_format_gives_the_same_embeddings(tiny_mo
             np.testing.assert_array_equal(vector, reference[sha], err_msg=name)
     uris = pa.concat_tables(
         pq.read_table(p)
-        for p in glob.glob(outputs.embeddings_glob(str(tmp_path / "webdataset"), "tiny_mobilenet_64"))
+        for p in glob.glob(embeddings_glob(os.path.join(str(tmp_path / "webdataset"), "tiny_mobilenet_64")))
     )["uri"].to_pylist()
     assert all(uri.startswith(sources["webdataset"] + "#") and uri.endswith(".jpg") for uri in uris)
 
@@ -350,24 +371,3 @@ def test_the_sdist_installs_and_runs_in_a_fresh_virtualenv(tmp_path, photo_dir):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "inputs 6 = embedded 6 + errors 0" in completed.stdout
-
-
-def test_a_dataflow_job_graph_is_built_offline(photo_dir, tmp_path):
-    job_file = tmp_path / "job.json"
-    summary = embed.run(
-        [f"--input={photo_dir}", f"--output={tmp_path}/out", "--runner=DataflowRunner", "--dry_run=True"]
-        + ["--project=example-project", "--region=europe-west1", "--temp_location=gs://example-bucket/tmp"]
-        + [f"--dataflow_job_file={job_file}", f"--setup_file={os.path.join(REPO, 'setup.py')}"]
-    )
-    assert summary is None  # built, not run
-    job = json.loads(job_file.read_text()) if job_file.exists() else None
-    assert job is not None
-    text = json.dumps(job)
-    for step in (
-        "ReadShards",
-        "DecodeAndResize",
-        "Embed[mobilenet_v1_100_224_embedded]",
-        "ByShard",
-        "WriteShards",
-    ):
-        assert step in text, step

@@ -1,18 +1,23 @@
-"""Reading a files shard: in order, every file once, ahead of decoding but bounded.
+"""Reading a shard: in order, every input once, ahead of decoding but bounded; faults
+that are the input's own become errors, the rest are retried or stop the shard; and
+what the shard says about each image comes along as its metadata."""
 
-Local files are read in the decoding thread with the kernel reading ahead; files on
-other filesystems by a pool of threads. Both give the same records."""
-
+import io
+import json
 import os
+import tarfile
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from imgembed.pipelines import sources
-from imgembed.pipelines.shards import InputShard, pieces_largest_first
+from imgembed.pipelines.shards import InputFormat, InputShard, plan_shards
 from imgembed.transforms.decode import DecodeLimits, ImageError
+
+NO_PAUSES = sources.ReadOptions(retry_pauses=(0.0, 0.0))
 
 
 def files_shard(tmp_path, sizes: list[int]) -> InputShard:
@@ -24,13 +29,13 @@ def files_shard(tmp_path, sizes: list[int]) -> InputShard:
     return InputShard("files", tuple(paths), tuple(sizes))
 
 
-def read_locally(shard, limits):
-    return list(sources._local_files(shard, limits))
+def read_locally(shard, options):
+    return list(sources._local_files(shard, options))
 
 
-def read_in_threads(shard, limits):
+def read_in_threads(shard, options):
     with ThreadPoolExecutor(4) as reader:
-        return list(sources._files_in_threads(shard, limits, reader))
+        return list(sources._files_in_threads(shard, options, reader))
 
 
 @pytest.mark.parametrize("read", [read_locally, read_in_threads])
@@ -38,7 +43,7 @@ def test_files_come_in_order_and_bad_ones_as_specific_errors(tmp_path, read):
     shard = files_shard(tmp_path, [10, 0, 30, 5000, 20] + [7] * 20)
     gone = shard.paths[4]
     (tmp_path / "004.jpg").unlink()  # listed, then deleted before it is read
-    records = read(shard, DecodeLimits(max_file_bytes=1000))
+    records = read(shard, sources.ReadOptions(DecodeLimits(max_file_bytes=1000), retry_pauses=()))
     assert [uri for uri, _ in records] == list(shard.paths)
     assert records[0][1] == bytes([0]) * 10
     assert records[2][1] == bytes([2]) * 30
@@ -47,7 +52,7 @@ def test_files_come_in_order_and_bad_ones_as_specific_errors(tmp_path, read):
     assert reasons == {
         shard.paths[1]: "empty_file",
         shard.paths[3]: "file_too_large",
-        gone: sources.READ_FAILED,
+        gone: sources.NOT_FOUND,
     }
 
 
@@ -57,10 +62,13 @@ class RecordingReader:
     def __init__(self):
         self.submitted: list[int] = []
 
-    def submit(self, function, path, size, limits):
+    def submit(self, function, path, size, options):
         self.submitted.append(size)
         future = Future()
-        future.set_result(function(path, size, limits))
+        try:
+            future.set_result(function(path, size, options))
+        except Exception as error:
+            future.set_exception(error)
         return future
 
 
@@ -70,7 +78,7 @@ def test_reading_ahead_in_threads_is_bounded_in_files_and_bytes(tmp_path, monkey
     shard = files_shard(tmp_path, sizes)
     reader = RecordingReader()
     consumed, most_ahead = 0, 0
-    for _ in sources._files_in_threads(shard, DecodeLimits(), reader):
+    for _ in sources._files_in_threads(shard, sources.ReadOptions(), reader):
         consumed += 1
         ahead = reader.submitted[consumed:]
         assert len(ahead) <= sources.READ_AHEAD_FILES
@@ -83,15 +91,14 @@ def test_reading_ahead_in_threads_is_bounded_in_files_and_bytes(tmp_path, monkey
 def test_local_files_are_read_without_threads_and_remote_ones_with(tmp_path, monkeypatch):
     local = files_shard(tmp_path, [10] * 5)
     reader = RecordingReader()
-    assert [data for _, data in sources._image_files(local, DecodeLimits(), reader)] == [
-        bytes([number]) * 10 for number in range(5)
-    ]
+    records = list(sources.read_shard(local, sources.ReadOptions(), reader))
+    assert [record.data for record in records] == [bytes([number]) * 10 for number in range(5)]
     assert reader.submitted == []
 
     remote = InputShard("files", tuple(f"gs://bucket/{number}.jpg" for number in range(3)), (10,) * 3)
-    monkeypatch.setattr(sources, "_read_file", lambda path, size, limits: path.encode())
-    records = list(sources._image_files(remote, DecodeLimits(), reader))
-    assert [data for _, data in records] == [path.encode() for path in remote.paths]
+    monkeypatch.setattr(sources, "_read_all", lambda path: path.encode())
+    records = list(sources.read_shard(remote, sources.ReadOptions(), reader))
+    assert [record.data for record in records] == [path.encode() for path in remote.paths]
     assert reader.submitted == [10] * 3
 
 
@@ -99,13 +106,13 @@ def test_local_reading_keeps_a_bounded_number_of_files_open(tmp_path):
     shard = files_shard(tmp_path, [10] * 40)
     opened_before = len(os.listdir("/proc/self/fd"))
     most_open = 0
-    for _ in sources._local_files(shard, DecodeLimits()):
+    for _ in sources._local_files(shard, sources.ReadOptions()):
         most_open = max(most_open, len(os.listdir("/proc/self/fd")) - opened_before)
     assert 1 < most_open <= sources.READ_AHEAD_FILES + 1
     assert len(os.listdir("/proc/self/fd")) == opened_before
 
     # Stopped early (a failed bundle), it closes its files itself: no "unclosed file".
-    stopped_early = sources._local_files(shard, DecodeLimits())
+    stopped_early = sources._local_files(shard, sources.ReadOptions())
     next(stopped_early)
     assert len(os.listdir("/proc/self/fd")) > opened_before
     with warnings.catch_warnings(record=True) as caught:
@@ -115,32 +122,99 @@ def test_local_reading_keeps_a_bounded_number_of_files_open(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == opened_before
 
 
-def test_pieces_dealt_round_robin_largest_first_give_workers_even_bytes():
-    # 40 shards of 500 photos, 20 KB to 5 MB: 15 pieces of 32 files and one of 20 each.
-    rng = np.random.default_rng(0)
-    shards = {
-        f"shard{number:02d}": InputShard(
-            "files",
-            tuple(f"/{number}/{file}.jpg" for file in range(500)),
-            tuple(int(size) for size in np.exp(rng.uniform(np.log(20e3), np.log(5e6), 500))),
-        )
-        for number in range(40)
-    }
-    pieces = pieces_largest_first(shards)
-    assert pieces == pieces_largest_first(dict(reversed(shards.items())))  # one order, every run
-    assert sorted(path for _, piece in pieces for path in piece.paths) == sorted(
-        path for shard in shards.values() for path in shard.paths
+def test_faults_that_pass_are_retried_and_those_that_stay_stop_the_shard():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("503 slow down")
+        return b"bytes"
+
+    assert sources.with_retries(flaky, "gs://b/x.jpg", (0.0, 0.0)) == b"bytes" and len(calls) == 3
+
+    def denied():
+        raise PermissionError("403 Forbidden")
+
+    with pytest.raises(sources.ShardUnreadable, match="cannot read gs://b/y.jpg: PermissionError: 403"):
+        sources.with_retries(denied, "gs://b/y.jpg", (0.0, 0.0))
+
+    def gone():
+        raise FileNotFoundError("no such object")
+
+    with pytest.raises(ImageError) as missing:
+        sources.with_retries(gone, "gs://b/z.jpg", (0.0, 0.0))
+    assert missing.value.reason == sources.NOT_FOUND
+
+
+def img2dataset_sample(key: str, data: bytes, caption: str) -> dict[str, bytes]:
+    fields = {"key": key, "url": f"https://example.com/{key}.jpg", "caption": caption, "status": "success"}
+    return {"jpg": data, "txt": caption.encode(), "json": json.dumps(fields).encode()}
+
+
+def test_webdataset_parquet_and_tfrecord_shards_carry_their_metadata(tmp_path):
+    import tensorflow as tf
+
+    tar_path = tmp_path / "00000.tar"
+    with tarfile.open(tar_path, "w") as archive:
+        for number in range(3):
+            for extension, payload in img2dataset_sample(
+                f"{number:09d}", b"image%d" % number, f"cap {number}"
+            ).items():
+                info = tarfile.TarInfo(f"{number:09d}.{extension}")
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    pq.write_table(
+        pa.table({"key": ["a", "b"], "url": ["u/a", "u/b"], "caption": ["x", "y"], "jpg": [b"ia", b"ib"]}),
+        tmp_path / "images.parquet",
     )
-    assert all(set(piece.paths) <= set(shards[key].paths) for key, piece in pieces)
-    piece_bytes = [sum(piece.sizes) for _, piece in pieces]
+    with tf.io.TFRecordWriter(str(tmp_path / "images.tfrecord")) as writer:
+        feature = {
+            "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"it"])),
+            "caption": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"a cat"])),
+            "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[282])),
+        }
+        writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    every = sources.ReadOptions(metadata_fields=("*",))
 
-    def spread(order, workers):
-        """The local runner deals a stage's elements to its workers round-robin."""
-        shares = [sum(order[worker::workers]) for worker in range(workers)]
-        return max(shares) - min(shares)
+    def read(kind, name, options=NO_PAUSES):
+        shard = InputShard(kind, (str(tmp_path / name),), (1,))
+        return list(sources.read_shard(shard, options, None))
 
-    bound = max(piece_bytes) - min(piece_bytes)  # 0.5% of a share for two workers
-    in_shard_order = [sum(piece.sizes) for shard in shards.values() for piece in shard.pieces()]
-    for workers in (2, 3, 4):
-        assert spread(piece_bytes, workers) <= bound
-        assert spread(in_shard_order, workers) > bound  # 1.4% to 16% of a share
+    tar = read("webdataset", "00000.tar")
+    assert [record.data for record in tar] == [b"image0", b"image1", b"image2"]
+    assert tar[1].uri == f"{tmp_path}/00000.tar#000000001.jpg"
+    assert tar[1].metadata == {
+        "key": "000000001",
+        "url": "https://example.com/000000001.jpg",
+        "caption": "cap 1",
+    }
+    parquet = read("parquet", "images.parquet")
+    assert [(record.uri.rsplit("#")[1], record.data, record.metadata["caption"]) for record in parquet] == [
+        ("0", b"ia", "x"),
+        ("1", b"ib", "y"),
+    ]
+    (tfrecord,) = read("tfrecord", "images.tfrecord", every)
+    assert tfrecord.data == b"it" and tfrecord.metadata == {"caption": "a cat", "label": 282}
+    assert read("webdataset", "00000.tar", sources.ReadOptions(metadata_fields=()))[0].metadata is None
+
+
+def test_img2dataset_side_files_are_not_inputs_and_sidecars_become_metadata(tmp_path):
+    (tmp_path / "00000.tar").write_bytes(b"")
+    (tmp_path / "00000.parquet").write_bytes(b"")  # the tar's metadata, img2dataset's layout
+    (tmp_path / "00000_stats.json").write_text("{}")
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "000000001.jpg").write_bytes(b"x")
+    (files / "000000001.json").write_text(json.dumps({"key": "000000001", "caption": "from json"}))
+    (files / "000000001.txt").write_text("from txt")
+    (files / "notes.txt").write_text("not beside an image: an input, which will fail as one")
+    shards = plan_shards([str(tmp_path)], InputFormat.AUTO, files_per_shard=10)
+    assert sorted((shard.kind, os.path.basename(shard.paths[0])) for shard in shards) == [
+        ("files", "000000001.jpg"),
+        ("webdataset", "00000.tar"),
+    ]
+    (images,) = [shard for shard in shards if shard.kind == "files"]
+    assert [os.path.basename(path) for path in images.paths] == ["000000001.jpg", "notes.txt"]
+    (record, _) = sources.read_shard(images, NO_PAUSES, None)
+    assert record.metadata == {"key": "000000001", "caption": "from json"}

@@ -78,8 +78,8 @@ def markers_glob(output_dir: str) -> str:
 
 def key_of(path: str) -> str:
     """The shard key in an output file's name."""
-    name = path.rsplit("/", 1)[-1]
-    return name.split("-", 1)[-1].removesuffix(PARQUET_SUFFIX).removesuffix(".json")
+    name = path.rsplit("/", 1)[-1].removesuffix(PARQUET_SUFFIX).removesuffix(".json")
+    return name.removeprefix("embeddings-").removeprefix("errors-")
 
 
 def image_id(uri: str) -> str:
@@ -99,6 +99,8 @@ def embedding_schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("sha256", pa.string()),
+        # What the input's shard said about it, as JSON (img2dataset's key, url, caption...).
+        ("metadata", pa.string()),
         (EMBEDDING_COLUMN, pa.list_(pa.float32(), output_dim)),
     ]
     if thumbnails:

@@ -1,0 +1,90 @@
+"""Beam workers that share nothing with the launcher but the network: Beam's
+portable job service, and an external worker pool started in its own mount
+namespace with a private /tmp (and HOME there), so a worker that tries a path of
+the launcher's disk (the pytest tmp_path, the launcher's model cache) fails."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from tests.servers import free_port
+
+BIN = os.path.dirname(sys.executable)
+POOL_SCRIPT = (
+    "mount -t tmpfs tmpfs /tmp && mkdir -p /tmp/home && printf '%s' \"$CREDENTIALS_JSON\" > /tmp/adc.json"
+    " && export HOME=/tmp/home GOOGLE_APPLICATION_CREDENTIALS=/tmp/adc.json"
+    " && exec {python} -m apache_beam.runners.worker.worker_pool_main --service_port={port}"
+)
+
+
+def can_isolate() -> str | None:
+    """None when this machine can make a private mount namespace; else why not."""
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /tmp"],
+        capture_output=True,
+        text=True,
+    )
+    return None if done.returncode == 0 else f"unshare --mount failed: {done.stderr.strip()}"
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited: {process.stderr.read()[-2000:]}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen on {port} within 60 s")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def isolated_workers(env: dict[str, str], credentials_json: str):
+    """Yields the runner flags of a job service whose workers run isolated."""
+    job_port, pool_port = free_port(), free_port()
+    job_service = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "apache_beam.runners.portability.local_job_service_main",
+            f"--port={job_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pool_env = (
+        os.environ | env | {"CREDENTIALS_JSON": credentials_json, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    )
+    script = POOL_SCRIPT.format(python=shlex.quote(sys.executable), port=pool_port)
+    pool = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        env=pool_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its SDK worker processes are stopped with it
+    )
+    try:
+        _wait_for_port(job_port, job_service, "the job service")
+        _wait_for_port(pool_port, pool, "the worker pool")
+        yield [
+            "--runner=PortableRunner",
+            f"--job_endpoint=localhost:{job_port}",
+            "--environment_type=EXTERNAL",
+            f"--environment_config=localhost:{pool_port}",
+        ]
+    finally:
+        os.killpg(pool.pid, signal.SIGTERM)
+        job_service.terminate()
+        for process in (pool, job_service):
+            process.wait(timeout=30)
