@@ -426,17 +426,35 @@ class MarkerWatcher:
 def _job_failure(error: Exception) -> str:
     """The message of the exception that failed the job on a worker, found in the
     runner's report of it (every runner wraps it in its own)."""
-    text = str(error)
-    for line in text.splitlines():
-        match = re.search(rf"\b({'|'.join(JOB_FAILURES)}): (.+)$", line)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        match = re.search(rf"\b(?:{'|'.join(JOB_FAILURES)}): (.+)$", line)
         if match:
-            return f"{match.group(1)}: {match.group(2)}"
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+            return _without_step(match.group(1))
+    return _without_step(lines[-1]) if lines else type(error).__name__
+
+
+def _without_step(message: str) -> str:
+    return re.sub(r" \[while running '[^']*'\]$", "", message)
 
 
 class JobFailed(RuntimeError):
     """The job stopped before every shard was done; the shards done are kept."""
+
+
+def _check_reachable_by_workers(options: PipelineOptions) -> None:
+    """Dataflow's workers see only object storage: refuse paths of this machine's disk
+    (model files are staged for them; inputs and outputs cannot be)."""
+    if options.view_as(StandardOptions).runner != "DataflowRunner":
+        return
+    ours = options.view_as(EmbedOptions)
+    if not ours.inputs:
+        raise ValueError("the default corpus is on this machine: with Dataflow, pass --input gs://...")
+    for flag, path in [("--input", pattern) for pattern in ours.inputs] + [("--output", ours.output or "")]:
+        if storage.is_local(path):
+            raise ValueError(
+                f"{flag} {path} is on this machine: Dataflow workers cannot reach it (use gs://...)"
+            )
 
 
 def run(
@@ -444,11 +462,8 @@ def run(
 ) -> outputs.RunSummary | DryRun:
     options = PipelineOptions(argv)
     dry_run = bool(options.view_as(TestOptions).dry_run)
+    _check_reachable_by_workers(options)
     config = EmbedConfig.from_options(options.view_as(EmbedOptions), local_workers(options))
-    if options.view_as(StandardOptions).runner == "DataflowRunner" and storage.is_local(config.output_dir):
-        raise ValueError(
-            f"--output {config.output_dir} is on this machine: Dataflow workers cannot write there"
-        )
     for model in config.models:
         if model.note:
             _log.warning("%s", model.note)

@@ -45,6 +45,17 @@ DECODE_FAILED = "decode_failed"
 MODEL_RETRY_PAUSES = (0.2, 1.0)
 
 
+# The lines of TensorFlow's error messages that say where, not what.
+_TENSORFLOW_BOILERPLATE = ("Graph execution error", "Detected at node", "<stack traces", "[[{{node")
+
+
+def describe(error: BaseException) -> str:
+    """One line naming an exception (TensorFlow's span a graph's worth of lines)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    useful = [line for line in lines if line and not line.startswith(_TENSORFLOW_BOILERPLATE)]
+    return f"{type(error).__name__}: {useful[0] if useful else ''}".rstrip(": ")
+
+
 class AccountingError(RuntimeError):
     """A shard's rows and errors are not exactly its inputs: never write such a shard."""
 
@@ -142,8 +153,7 @@ class EmbedShard(beam.DoFn):
             except ImageError as error:
                 errors.append(self._error(record.uri, STAGE_DECODE, error.reason, error.message))
             except Exception as error:  # a decoder bug must cost one row, not the shard
-                message = f"{type(error).__name__}: {error}"
-                errors.append(self._error(record.uri, STAGE_DECODE, DECODE_FAILED, message))
+                errors.append(self._error(record.uri, STAGE_DECODE, DECODE_FAILED, describe(error)))
             if len(batch) == job.batch_size:
                 self._embed_batch(batch, rows, errors, seconds)
                 batch = []
@@ -202,9 +212,11 @@ class EmbedShard(beam.DoFn):
                 failures.append(None)
             except Exception as error:  # this image's own failure
                 vectors.append(None)
-                failures.append(f"{type(error).__name__}: {error}")
+                failures.append(describe(error))
         if len(pixels) > 1 and all(failure is not None for failure in failures):
-            raise ModelFailing(f"model {name} failed on each of {len(pixels)} images: {last}") from last
+            raise ModelFailing(
+                f"model {name} failed on each of {len(pixels)} images: {describe(last)}"
+            ) from last
         return vectors, failures
 
     def _marker(self, key, shard: InputShard, uris, tables, errors, seconds, decoded) -> dict:

@@ -9,16 +9,12 @@ import os
 import pathlib
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
-from apache_beam.io.filesystem import FileMetadata, MatchResult
-from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from fixtures.images import photo_like, truncated_jpeg
@@ -31,6 +27,7 @@ from imgembed.pipelines import embed
 from imgembed.pipelines.default_corpus import default_corpus_patterns
 from imgembed.transforms.decode import DecodeLimits, decode_image
 from imgembed.transforms.resize import Preprocessing
+from tests.filesystems import LaggyFileSystem
 
 IN_PROCESS = ["--runner=DirectRunner"]
 
@@ -195,36 +192,6 @@ def test_folders_are_read_recursively_and_overlapping_patterns_read_once(photo_d
     )
     uris = embeddings(tmp_path, "tiny_mobilenet_64")["uri"].to_pylist()
     assert len(uris) == len(set(uris)) == 7 and summary.inputs == 7
-
-
-class LaggyFileSystem(LocalFileSystem):
-    """Local files seen as ``laggy://<path>``, each opened 20 ms late: a filesystem
-    that is not local, as an object store is to the pipeline."""
-
-    PREFIX = "laggy://"
-    opened_by: list[str] = []  # names of the threads that opened files
-
-    @classmethod
-    def scheme(cls):
-        return "laggy"
-
-    def match(self, patterns, limits=None):
-        results = super().match([pattern.removeprefix(self.PREFIX) for pattern in patterns], limits)
-        return [
-            MatchResult(
-                self.PREFIX + result.pattern,
-                [
-                    FileMetadata(self.PREFIX + found.path, found.size_in_bytes, found.last_updated_in_seconds)
-                    for found in result.metadata_list
-                ],
-            )
-            for result in results
-        ]
-
-    def open(self, path, *args, **kwargs):
-        LaggyFileSystem.opened_by.append(threading.current_thread().name)
-        time.sleep(0.02)
-        return super().open(path.removeprefix(self.PREFIX), *args, **kwargs)
 
 
 def test_files_on_a_remote_filesystem_give_the_rows_of_the_same_files_read_locally(

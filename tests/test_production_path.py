@@ -61,3 +61,149 @@ def test_workers_that_share_nothing_with_the_launcher_embed_from_and_to_object_s
     assert len(marker_files) == 3
     assert json.loads(storage.read_bytes(storage.join(output, "run_summary.json")))["balanced"]
     assert np.isfinite(np.stack(table["embedding"].to_numpy(zero_copy_only=False))).all()
+
+
+IN_PROCESS = ["--runner=DirectRunner"]
+
+
+def write_photos(folder, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, name in enumerate(names):
+        photo_like(seed, 80, 60).save(folder / name, "JPEG")
+
+
+def test_transient_read_faults_are_retried_and_end_as_rows(tiny_model_dir, tmp_path):
+    from tests.filesystems import FlakyFileSystem
+
+    FlakyFileSystem.failed.clear()
+    names = [f"{n}_flaky.jpg" if n % 3 == 0 else f"{n}.jpg" for n in range(9)]
+    write_photos(tmp_path / "photos", names)
+    summary = embed.run(
+        [f"--input=flaky://{tmp_path}/photos/*", f"--output={tmp_path}/out", f"--model={tiny_model_dir}"]
+        + ["--files-per-shard=4"]
+        + IN_PROCESS
+    )
+    assert len(FlakyFileSystem.failed) == 3  # each flaky file failed once...
+    assert summary.models[0].rows == 9 and summary.errors_total == 0 and summary.balanced  # ...and was read
+
+
+def save_failing_model(path: str, failing_calls: int | None) -> str:
+    """A 32x32 model whose first ``failing_calls`` calls on images raise inside
+    TensorFlow (None: every call), as a model whose runtime is briefly unavailable, or
+    broken. The all-zero probe that describes a model always succeeds."""
+    import tensorflow as tf
+
+    class Failing(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = tf.Variable(0, dtype=tf.int64)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+        def __call__(self, images):
+            probe = tf.reduce_all(tf.equal(images, 0.0))
+            calls = self.calls.assign_add(tf.where(probe, tf.constant(0, tf.int64), 1))
+            limit = tf.constant(-1 if failing_calls is None else failing_calls, tf.int64)
+            healthy = tf.logical_or(probe, tf.logical_and(limit >= 0, calls > limit))
+            with tf.control_dependencies([tf.debugging.Assert(healthy, ["the model is unavailable"])]):
+                return tf.reduce_mean(images, axis=[1, 2])
+
+    tf.saved_model.save(Failing(), path)
+    return path
+
+
+def test_a_model_that_fails_its_first_batches_is_retried_and_ends_as_rows(tmp_path):
+    write_photos(tmp_path / "photos", [f"{n}.jpg" for n in range(5)])
+    model = save_failing_model(str(tmp_path / "fails_twice"), failing_calls=2)
+    summary = embed.run(
+        [f"--input={tmp_path}/photos", f"--output={tmp_path}/out", f"--model={model}", "--backend=tensorflow"]
+        + IN_PROCESS
+    )
+    assert summary.models[0].rows == 5 and summary.errors_total == 0 and summary.balanced
+
+
+def test_a_broken_model_stops_the_job_and_leaves_its_shard_to_redo(tmp_path, capsys):
+    write_photos(tmp_path / "photos", [f"{n}.jpg" for n in range(4)])
+    model = save_failing_model(str(tmp_path / "broken"), failing_calls=None)
+    argv = [
+        f"--input={tmp_path}/photos",
+        f"--output={tmp_path}/out",
+        f"--model={model}",
+        "--backend=tensorflow",
+    ]
+    assert embed.main(argv + IN_PROCESS) == 1
+    err = capsys.readouterr().err
+    assert (
+        "the job stopped: model broken failed on each of 4 images: InvalidArgumentError: assertion failed"
+        in err
+        and "run the same command again" in err
+    )
+    assert not list((tmp_path / "out" / "_shards").glob("*.json"))
+
+
+def test_a_fault_that_does_not_pass_fails_the_run_and_the_rerun_finishes_once_it_clears(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    from tests.filesystems import DeniedFileSystem
+
+    names = [f"{n}.jpg" for n in range(6)] + ["6_denied.jpg"]
+    write_photos(tmp_path / "photos", names)
+    argv = [f"--input=denied://{tmp_path}/photos/*", f"--output={tmp_path}/out", f"--model={tiny_model_dir}"]
+    argv += ["--files-per-shard=2"] + IN_PROCESS
+    assert embed.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"the job stopped: cannot read denied://{tmp_path}/photos/6_denied.jpg: PermissionError" in err
+    done = {path.name for path in (tmp_path / "out" / "_shards").glob("*.json")}
+    assert len(done) < 4  # the shard of 6_denied.jpg has no marker
+
+    monkeypatch.setattr(DeniedFileSystem, "denying", False)  # the permissions are fixed
+    summary = embed.run(argv)
+    assert (summary.shards, summary.shards_done_before, summary.models[0].rows) == (4, len(done), 7)
+    assert summary.balanced
+
+
+def test_a_run_that_mostly_failed_exits_non_zero_and_says_why(tiny_model_dir, tmp_path, capsys):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for number in range(40):
+        (folder / f"{number:02d}.jpg").write_text("these are not the pixels you are looking for")
+    argv = [f"--input={folder}", f"--output={tmp_path}/out", f"--model={tiny_model_dir}"] + IN_PROCESS
+    assert embed.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "100% of the inputs failed for tiny_mobilenet_64 (more than --max-error-rate 0.5)" in err
+    assert f"not_an_image: 40 (e.g. {folder}/00.jpg)" in err
+    assert embed.main(argv + ["--max-error-rate=1"]) == 0
+
+
+def job_file_bytes(tmp_path, gcs, inputs: int) -> int:
+    from tests.filesystems import RemoteLookingFileSystem
+
+    folder = tmp_path / f"inputs{inputs}"
+    folder.mkdir()
+    for number in range(inputs):  # listed, never read: a dry run submits nothing
+        (folder / f"{number:05d}.jpg").write_bytes(b"")
+    job_file = tmp_path / f"job{inputs}.json"
+    result = embed.run(
+        [f"--input={RemoteLookingFileSystem.SCHEME}://{folder}/*", f"--output={gcs.url('dry', 'out')}"]
+        + ["--runner=DataflowRunner", "--dry_run=True", "--project=example-project", "--region=europe-west1"]
+        + [f"--temp_location={gcs.url('dry', 'tmp')}", f"--dataflow_job_file={job_file}"]
+        + [f"--setup_file={os.path.join(os.path.dirname(os.path.dirname(__file__)), 'setup.py')}"]
+    )
+    assert isinstance(result, embed.DryRun) and result.job_file == str(job_file)
+    text = job_file.read_text()
+    for step in ("ReadPlan", "EmbedShards", "Totals"):
+        assert step in text, step
+    return len(text)
+
+
+def test_the_dataflow_job_graph_does_not_grow_with_the_inputs_and_a_dry_run_changes_nothing(gcs, tmp_path):
+    stale = gcs.url("dry", "out", "errors-00000000-stale.parquet")  # a dry run deletes nothing
+    storage.write_bytes(stale, b"old")
+    small, large = job_file_bytes(tmp_path, gcs, 200), job_file_bytes(tmp_path, gcs, 20_000)
+    assert large <= 1.2 * small, (small, large)
+    assert storage.list_files(gcs.url("dry", "**")) == [stale]
+
+
+def test_dataflow_is_refused_paths_of_this_machine(tmp_path, capsys):
+    argv = [f"--input={tmp_path}", "--output=gs://bucket/out", "--runner=DataflowRunner", "--dry_run=True"]
+    assert embed.main(argv) == 2
+    assert "Dataflow workers cannot reach it" in capsys.readouterr().err
