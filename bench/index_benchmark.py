@@ -96,7 +96,7 @@ def bench_dataset(name: str, embeddings: str, budgets: list[str], work: str) -> 
             ]
         )
         ours = store.load(ours_dir)
-        report = store.read_json(ours_dir, store.REPORT_FILE)
+        report = store.read_json(ours.directory, store.REPORT_FILE)
         rows.append(
             {
                 "dataset": name,

@@ -13,16 +13,17 @@ and Flat and HNSW are only chosen for corpora that one machine handles.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import uuid
 
 import apache_beam as beam
 import faiss
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
+from imgembed.common import storage
 from imgembed.index.build import add_locally
 from imgembed.index.faiss_index import add_vectors, is_ivf, merge_shard
 from imgembed.index.reader import EmbeddingFile, EmbeddingSource
@@ -32,17 +33,15 @@ _log = logging.getLogger(__name__)
 
 
 def _write_index(index: faiss.Index, path: str) -> None:
-    with FileSystems.create(path) as file:
-        file.write(faiss.serialize_index(index).tobytes())
+    storage.write_bytes(path, faiss.serialize_index(index).tobytes())
 
 
 def _read_index(path: str) -> faiss.Index:
-    with FileSystems.open(path) as file:
-        return faiss.deserialize_index(np.frombuffer(file.read(), dtype=np.uint8))
+    return faiss.deserialize_index(np.frombuffer(storage.read_bytes(path), dtype=np.uint8))
 
 
 def shard_path(temp_dir: str, file: EmbeddingFile) -> str:
-    return FileSystems.join(temp_dir, f"shard-{file.first_id:015d}.faiss")
+    return storage.join(temp_dir, f"shard-{file.first_id:015d}.faiss")
 
 
 class AddFileToShard(beam.DoFn):
@@ -74,27 +73,29 @@ class AddFileToShard(beam.DoFn):
 
 
 def add_with_beam(
-    index: faiss.Index,
-    source: EmbeddingSource,
-    metric: Metric,
-    pipeline_args: list[str] | None = None,
-    temp_location: str | None = None,
+    index: faiss.Index, source: EmbeddingSource, metric: Metric, pipeline_args: list[str] | None = None
 ) -> None:
-    """Adds every row of ``source`` to the trained ``index`` (empty or not) with a Beam job."""
+    """Adds every row of ``source`` to the trained ``index`` (empty or not) with a Beam job.
+    The trained index and the shards go through Beam's ``--temp_location`` when one is
+    given (gs:// on Dataflow), else through a temporary folder of this machine (the
+    local runner's workers share it)."""
     if not is_ivf(index):
         _log.warning(
             "%s indexes cannot be merged; adding in this process", type(faiss.downcast_index(index)).__name__
         )
         add_locally(index, source, metric)
         return
-    temp_dir = FileSystems.join(temp_location or tempfile.mkdtemp(prefix="imgembed-index-"), uuid.uuid4().hex)
+    options = PipelineOptions(pipeline_args or [])
+    temp_location = options.view_as(GoogleCloudOptions).temp_location
+    local_temp = None if temp_location else tempfile.mkdtemp(prefix="imgembed-index-")
+    temp_dir = storage.join(temp_location or local_temp, f"imgembed-index-{uuid.uuid4().hex}")
     transform_dir = source.transform.directory if source.transform is not None else None
     empty = faiss.clone_index(index)
     empty.reset()  # keeps the training, drops any rows an incremental add starts from
-    empty_path = FileSystems.join(temp_dir, "trained-empty.faiss")
-    FileSystems.mkdirs(temp_dir)
+    empty_path = storage.join(temp_dir, "trained-empty.faiss")
+    storage.ensure_folder(temp_dir)
     _write_index(empty, empty_path)
-    with beam.Pipeline(options=PipelineOptions(pipeline_args or [])) as pipeline:
+    with beam.Pipeline(options=options) as pipeline:
         _ = (
             pipeline
             | "Files" >> beam.Create(source.files)
@@ -103,4 +104,6 @@ def add_with_beam(
         )
     for file in source.files:  # id order: refine codes are positional
         merge_shard(index, _read_index(shard_path(temp_dir, file)))
-    FileSystems.delete([temp_dir])
+    storage.delete_folder(temp_dir)
+    if local_temp:
+        shutil.rmtree(local_temp, ignore_errors=True)

@@ -20,9 +20,9 @@ import faiss
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
 from imgembed import __version__
+from imgembed.common import storage
 from imgembed.index import store
 from imgembed.index.choose import IndexPlan, choose_index, nlist_for
 from imgembed.index.duplicates import write_duplicates
@@ -109,12 +109,10 @@ def _query_sets(source: EmbeddingSource, config: IndexConfig, among: EmbeddingSo
     return queries.subset(rows[: config.tune_queries]), queries.subset(rows[config.tune_queries :]), False
 
 
-def _prepare_dir(index_dir: str, overwrite: bool) -> None:
-    if os.path.exists(os.path.join(index_dir, store.MANIFEST_FILE)):
-        if not overwrite:
-            raise ValueError(f"{index_dir} already holds an index; pass --overwrite to replace it")
-        shutil.rmtree(index_dir)
-    os.makedirs(index_dir, exist_ok=True)
+def _new_version(index_dir: str, overwrite: bool) -> store.NewVersion:
+    if store.exists(index_dir) and not overwrite:
+        raise ValueError(f"{index_dir} already holds an index; pass --overwrite to replace it")
+    return store.NewVersion.start(index_dir)
 
 
 class _Stopwatch:
@@ -180,12 +178,13 @@ def build(
 ) -> dict:
     """Builds, tunes, measures and writes an index of every row in ``source``
     (through the tf.Transform graph first when ``config.transform`` asks for one)."""
-    _prepare_dir(index_dir, overwrite)
+    version = _new_version(index_dir, overwrite)
+    local = version.local_dir
     clock = _Stopwatch()
     raw = source
     transform_info = None
     if config.transform is not None:
-        source, transform_info = attach_transform(raw, index_dir, config)
+        source, transform_info = attach_transform(raw, local, config)
         clock.lap("transform_analysis")
     fitted = fit(source, config, add, clock)
     report = fitted.report | {
@@ -193,8 +192,8 @@ def build(
         "search_params": fitted.search_params,
         "metric": config.metric.value,
     }
-    faiss.write_index(fitted.index, store.path(index_dir, store.INDEX_FILE))
-    store.write_ids([source], index_dir)
+    faiss.write_index(fitted.index, store.path(local, store.INDEX_FILE))
+    store.write_ids([source], local)
     clock.lap("write")
     manifest = {
         "format_version": store.FORMAT_VERSION,
@@ -212,31 +211,32 @@ def build(
         "recall_at_build": report["recall"],
         "parts": [_part(source)],
     }
-    store.write_json(index_dir, store.MANIFEST_FILE, manifest)
-    report["duplicates"] = _duplicates(index_dir, fitted.index, [source], config)
+    store.write_json(local, store.MANIFEST_FILE, manifest)
+    report["duplicates"] = _duplicates(local, fitted.index, [source], config)
     clock.lap("duplicates")
-    index_bytes = os.path.getsize(store.path(index_dir, store.INDEX_FILE))
+    index_bytes = os.path.getsize(store.path(local, store.INDEX_FILE))
     if transform_info is not None:
         report["transform"] = dict(transform_info)
         if config.compare_raw and source.count > 1:
             report["transform"] |= compare_with_raw(raw, source, fitted, index_bytes, config)
             clock.lap("raw_comparison")
-    report |= {"seconds": clock.seconds, "index_bytes": index_bytes}
-    store.write_json(index_dir, store.REPORT_FILE, report)
+    report |= {"seconds": clock.seconds, "index_bytes": index_bytes, "version": version.name}
+    store.write_json(local, store.REPORT_FILE, report)
+    version.publish()
     return report
 
 
 def attach_transform(
-    raw: EmbeddingSource, index_dir: str, config: IndexConfig
+    raw: EmbeddingSource, version_dir: str, config: IndexConfig
 ) -> tuple[EmbeddingSource, dict]:
     """Runs the tf.Transform full pass next to the embeddings, copies the graph into
     the index folder, and returns the source seen through it."""
     from imgembed.transforms.embedding_transform import EmbeddingTransform, analyze
 
     options = config.transform
-    next_to_embeddings = FileSystems.join(os.path.dirname(raw.files[0].path), options.folder_name)
+    next_to_embeddings = storage.join(storage.parent(raw.files[0].path), options.folder_name)
     analyze([f.path for f in raw.files], raw.raw_dim, options, next_to_embeddings, config.beam_args)
-    copy_tree(next_to_embeddings, store.path(index_dir, store.TRANSFORM_DIR))
+    storage.copy_tree(next_to_embeddings, store.path(version_dir, store.TRANSFORM_DIR))
     # Built through the copy next to the embeddings: Beam workers can read it there.
     transform = EmbeddingTransform(next_to_embeddings)
     info = {
@@ -285,17 +285,6 @@ def compare_with_raw(
     }
 
 
-def copy_tree(source: str, destination: str) -> None:
-    """Copies a folder on any filesystem TensorFlow reads (local, gs://)."""
-    import tensorflow as tf
-
-    for folder, _, names in tf.io.gfile.walk(source):
-        target = os.path.join(destination, os.path.relpath(folder, source))
-        tf.io.gfile.makedirs(target)
-        for name in names:
-            tf.io.gfile.copy(os.path.join(folder, name), os.path.join(target, name), overwrite=True)
-
-
 def add_to_index(
     index_dir: str, folders: list[str], config: IndexConfig, add: AddFunction = add_locally
 ) -> dict:
@@ -335,15 +324,23 @@ def add_to_index(
             + ("the trained quantiser no longer fits the data; rebuild the index" if advise else "no drift")
         ),
     }
-    faiss.write_index(loaded.index, store.path(index_dir, store.INDEX_FILE))
-    store.write_ids(loaded.sources() + [new], index_dir)
+    version = store.NewVersion.start(index_dir)
+    local = version.local_dir
+    if manifest.get("transform"):
+        shutil.copytree(
+            store.path(loaded.directory, store.TRANSFORM_DIR), store.path(local, store.TRANSFORM_DIR)
+        )
+    faiss.write_index(loaded.index, store.path(local, store.INDEX_FILE))
+    store.write_ids(loaded.sources() + [new], local)
     manifest["parts"].append(_part(new))
     manifest["count"] = int(loaded.index.ntotal)
-    store.write_json(index_dir, store.MANIFEST_FILE, manifest)
-    report["duplicates"] = _duplicates(index_dir, loaded.index, [combined], config)
-    full_report = store.read_json(index_dir, store.REPORT_FILE)
+    store.write_json(local, store.MANIFEST_FILE, manifest)
+    report["duplicates"] = _duplicates(local, loaded.index, [combined], config)
+    full_report = store.read_json(loaded.directory, store.REPORT_FILE)
     full_report.setdefault("additions", []).append(report)
-    store.write_json(index_dir, store.REPORT_FILE, full_report)
+    full_report["version"] = version.name
+    store.write_json(local, store.REPORT_FILE, full_report)
+    version.publish()
     return report
 
 
@@ -377,10 +374,10 @@ def _imbalance(index: faiss.Index) -> float | None:
 
 
 def _duplicates(
-    index_dir: str, index: faiss.Index, sources: list[EmbeddingSource], config: IndexConfig
+    version_dir: str, index: faiss.Index, sources: list[EmbeddingSource], config: IndexConfig
 ) -> dict:
-    ids = pq.read_table(store.path(index_dir, store.IDS_FILE))
+    ids = pq.read_table(store.path(version_dir, store.IDS_FILE))
     threshold = config.dedup_threshold if config.metric is Metric.COSINE else None
     return write_duplicates(
-        index, sources, ids, config.metric, threshold, store.path(index_dir, store.DUPLICATES_FILE)
+        index, sources, ids, config.metric, threshold, store.path(version_dir, store.DUPLICATES_FILE)
     )

@@ -4,7 +4,8 @@
     imgembed index --add --embeddings out2/mobilenet_v1_100_224_embedded --output out/index
     imgembed index ... --distributed --runner DataflowRunner --project P --temp_location gs://b/tmp
 
-Flags not listed here go to Beam when --distributed is given.
+Flags not listed here go to Beam when --distributed or a tf.Transform stage is given;
+Beam's --temp_location is where their workers exchange files.
 """
 
 from __future__ import annotations
@@ -13,19 +14,13 @@ import argparse
 import functools
 import sys
 
+from imgembed.common.runners import with_default_runner
 from imgembed.common.units import format_size, parse_size
 from imgembed.index import store
 from imgembed.index.build import IndexConfig, add_locally, add_to_index, build
 from imgembed.index.reader import EmbeddingSource
 from imgembed.index.vectors import IndexInputError, Metric
 from imgembed.transforms.embedding_transform import TransformOptions
-
-# Without --runner, distributed builds use every local core.
-DEFAULT_RUNNER_ARGS = [
-    "--runner=DirectRunner",
-    "--direct_running_mode=multi_processing",
-    "--direct_num_workers=0",
-]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help="A model folder written by `imgembed embed` (repeatable).",
     )
-    p.add_argument("--output", required=True, help="Index directory (local).")
+    p.add_argument("--output", required=True, help="Index folder, any Beam filesystem (local, gs://...).")
     p.add_argument("--metric", default="cosine", help="cosine (default; vectors are L2-normalised) or l2.")
     p.add_argument("--max-memory", default="4G", help="Memory the index may use, e.g. 500M, 4G (default 4G).")
     p.add_argument("--recall-target", type=float, default=0.95, help="recall@10 to tune for (default 0.95).")
@@ -45,9 +40,6 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--add", action="store_true", help="Add embeddings to the existing index in --output.")
     p.add_argument("--distributed", action="store_true", help="Add vectors with a Beam job (IVF indexes).")
-    p.add_argument(
-        "--temp-location", default=None, help="Where --distributed workers exchange shards (e.g. gs://b/tmp)."
-    )
     p.add_argument(
         "--dedup-threshold",
         type=float,
@@ -134,8 +126,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    if not any(arg.startswith("--runner") for arg in beam_args):
-        beam_args += DEFAULT_RUNNER_ARGS
+    beam_args = with_default_runner(beam_args)
     try:
         transform = None
         if args.dims is not None or args.whiten or args.center:
@@ -155,7 +146,7 @@ def main(argv: list[str]) -> int:
         if args.distributed:
             from imgembed.index.beam_build import add_with_beam
 
-            add = functools.partial(add_with_beam, pipeline_args=beam_args, temp_location=args.temp_location)
+            add = functools.partial(add_with_beam, pipeline_args=beam_args)
         if args.add:
             report = add_to_index(args.output, args.embeddings, config, add)
         else:

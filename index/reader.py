@@ -19,8 +19,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
+from imgembed.common import storage
 from imgembed.common.embedding_files import EMBEDDING_COLUMN, PARQUET_SUFFIX, embeddings_glob, read_metadata
 from imgembed.common.storage import list_files
 from imgembed.index.vectors import IndexInputError
@@ -118,7 +118,7 @@ class EmbeddingSource:
         """(first FAISS id of the batch, batch) over the chosen files, in id order."""
         for file in self.files if files is None else files:
             next_id = file.first_id
-            with FileSystems.open(file.path) as handle:
+            with storage.open_file(file.path) as handle:
                 for batch in pq.ParquetFile(handle).iter_batches(
                     batch_size=BATCH_ROWS, columns=list(columns)
                 ):
@@ -169,7 +169,7 @@ def _model_name(metadata: dict) -> str | None:
 
 
 def _footer(path: str) -> tuple[pa.Schema, int]:
-    with FileSystems.open(path) as handle:
+    with storage.open_file(path) as handle:
         parquet = pq.ParquetFile(handle)
         return parquet.schema_arrow, parquet.metadata.num_rows
 
@@ -202,14 +202,14 @@ class RowReader:
 
     def _starts(self, number: int) -> np.ndarray:
         if number not in self._row_group_starts:
-            with FileSystems.open(self._files[number].path) as handle:
+            with storage.open_file(self._files[number].path) as handle:
                 metadata = pq.ParquetFile(handle).metadata
             sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
             self._row_group_starts[number] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         return self._row_group_starts[number]
 
     def _read_row_group_uncached(self, number: int, group: int, columns: tuple[str, ...]) -> pa.Table:
-        with FileSystems.open(self._files[number].path) as handle:
+        with storage.open_file(self._files[number].path) as handle:
             parquet = pq.ParquetFile(handle)
             present = [column for column in columns if column in parquet.schema_arrow.names]
             return parquet.read_row_group(group, columns=present)

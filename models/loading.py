@@ -10,7 +10,7 @@ A model reference is one of
 A file reads its pooled feature vector; append ``#classification`` for its class
 scores instead (``mobilenet_v1_0.5_160_quant.tflite#classification``). Prefix
 ``name=`` to choose the model's name (its output folder): ``coral=models/a.tflite``.
-Models on object stores are copied to this machine once (models/local_copy.py).
+Models on object stores are copied to this machine once (imgembed/common/local_copies.py).
 
 Every loaded model is an ``Embedder`` (models/embedder.py): float32 [N, S, S, 3]
 in [0, 1] in, float32 [N, D] out.
@@ -31,10 +31,10 @@ import re
 from collections.abc import Callable, Iterator
 
 from imgembed.common import storage
+from imgembed.common.local_copies import is_remote, local_path
 from imgembed.models import fast_backend
 from imgembed.models.embedder import Embedder
 from imgembed.models.errors import ModelLoadError
-from imgembed.models.local_copy import is_remote, local_model_path
 from imgembed.models.registry import EMBEDDED_SOURCE, KNOWN_MODELS, Flavour, Format, ModelSpec
 
 LOADERS = {
@@ -100,11 +100,11 @@ def _resolve(reference: str) -> ModelSpec:
             raise ModelLoadError(f"{source}: only .tflite files can be chained with '+'")
         missing = [part for part in parts if not _file_exists(part)]
         if not missing:
-            local = "+".join(local_model_path(part) for part in parts)
+            local = "+".join(local_path(part) for part in parts)
             spec = _loader(model_format).describe(local, flavour)
             return dataclasses.replace(spec, source="+".join(parts))
     elif is_remote(source):  # a SavedModel folder on an object store
-        spec = _loader(Format.HUB).describe(local_model_path(source, folder=True))
+        spec = _loader(Format.HUB).describe(local_path(source, folder=True))
         return dataclasses.replace(spec, source=source.rstrip("/"))
     elif os.path.isdir(source):
         return _loader(Format.HUB).describe(os.path.abspath(source))
@@ -122,10 +122,10 @@ def on_local_disk(spec: ModelSpec) -> ModelSpec:
     if spec.format is Format.HUB:
         if not is_remote(spec.source):
             return spec
-        return dataclasses.replace(spec, source=local_model_path(spec.source, folder=True))
+        return dataclasses.replace(spec, source=local_path(spec.source, folder=True))
     if spec.source == EMBEDDED_SOURCE or not any(is_remote(part) for part in spec.source.split("+")):
         return spec
-    return dataclasses.replace(spec, source="+".join(local_model_path(p) for p in spec.source.split("+")))
+    return dataclasses.replace(spec, source="+".join(local_path(p) for p in spec.source.split("+")))
 
 
 def load_model(spec: ModelSpec, backend: str = "auto", threads: int | None = None) -> Embedder:

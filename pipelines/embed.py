@@ -33,7 +33,6 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (
     DebugOptions,
-    DirectOptions,
     PipelineOptions,
     StandardOptions,
     TestOptions,
@@ -41,6 +40,7 @@ from apache_beam.options.pipeline_options import (
 
 from imgembed.common import progress, storage
 from imgembed.common.embedding_files import key_of, markers_glob
+from imgembed.common.runners import local_workers, with_default_runner
 from imgembed.common.units import parse_size
 from imgembed.models.errors import ModelLoadError
 from imgembed.models.loading import BACKENDS, PreparedModel, prepared_meanwhile
@@ -65,13 +65,6 @@ from imgembed.pipelines.sources import DEFAULT_METADATA_FIELDS, IMAGE_COLUMNS, R
 from imgembed.transforms.decode import DecodeLimits
 from imgembed.transforms.resize import Preprocessing, ResizeMode
 
-# Without --runner, run locally on every core; DirectRunner alone uses one.
-DEFAULT_RUNNER_ARGS = [
-    "--runner=DirectRunner",
-    "--direct_running_mode=multi_processing",
-    "--direct_num_workers=0",
-]
-LOCAL_RUNNERS = (None, "DirectRunner", "FnApiRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
 # How often the launcher lists the markers to show progress (a listing per poll).
 PROGRESS_POLL_SECONDS = 5.0
 # Our exceptions that fail a job on purpose: their message is the one to show.
@@ -307,17 +300,6 @@ class DryRun:
     job_file: str | None
 
 
-def local_workers(options: PipelineOptions) -> int | None:
-    """Worker processes of the local runner; None for any other runner."""
-    standard = options.view_as(StandardOptions)
-    if standard.runner not in LOCAL_RUNNERS:
-        return None
-    direct = options.view_as(DirectOptions)
-    if direct.direct_running_mode != "multi_processing":
-        return 1
-    return (os.cpu_count() or 1) if direct.direct_num_workers == 0 else max(1, direct.direct_num_workers)
-
-
 class MarkerTotals(beam.CombineFn):
     """The run's totals: the sum of its shards' markers, one accumulator at a time."""
 
@@ -547,10 +529,8 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print_help()
         return 0
-    if not any(arg.startswith("--runner") for arg in argv):
-        argv = [*argv, *DEFAULT_RUNNER_ARGS]
     try:
-        result = run(argv)
+        result = run(with_default_runner(argv))
     except (InputError, ModelLoadError, ValueError) as error:
         print(f"imgembed embed: {error}", file=sys.stderr)
         return 2

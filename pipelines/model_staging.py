@@ -17,8 +17,8 @@ import hashlib
 import os
 
 from imgembed.common import storage
+from imgembed.common.local_copies import is_remote
 from imgembed.models.loading import PreparedModel
-from imgembed.models.local_copy import is_remote
 from imgembed.models.registry import EMBEDDED_SOURCE, Format, ModelSpec
 
 MODELS_FOLDER = "_models"

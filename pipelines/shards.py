@@ -120,8 +120,11 @@ def expand_patterns(patterns: list[str]) -> list[str]:
 
 
 def _is_folder(path: str) -> bool:
-    # Object stores have no folders, only prefixes: a trailing slash marks one.
-    return path.endswith("/") or (storage.is_local(path) and os.path.isdir(path))
+    # Object stores have no folders, only prefixes: a path that names no object, or
+    # ends with a slash, is one.
+    if storage.is_local(path):
+        return os.path.isdir(path)
+    return path.endswith("/") or not storage.exists(path)
 
 
 def list_inputs(patterns: list[str]) -> dict[str, int]:

@@ -72,7 +72,7 @@ class Searcher:
         self._ids = ids.column("id").to_pylist()
         self._uris = ids.column("uri").to_pylist()
         self._faiss_id_of = {image_id: faiss_id for faiss_id, image_id in enumerate(self._ids)}
-        self._clusters = self._read_clusters(index_dir)
+        self._clusters = self._read_clusters(self.loaded.directory)
         self._cluster_sizes = np.bincount(self._clusters, minlength=self.loaded.count)
         self._rows = RowReader([file for source in self.loaded.sources() for file in source.files])
         self.preprocessing = (
@@ -96,12 +96,12 @@ class Searcher:
             self.model_error = f"the index's model cannot be loaded, so image search is off: {error}"
             _log.warning(self.model_error)
 
-    def _read_clusters(self, index_dir: str) -> np.ndarray:
+    def _read_clusters(self, version_dir: str) -> np.ndarray:
         """cluster id of every FAISS id; rows in no cluster are their own."""
         clusters = np.arange(self.loaded.count, dtype=np.int64)
         try:
             table = pq.read_table(
-                store.path(index_dir, store.DUPLICATES_FILE), columns=["faiss_id", "cluster_id"]
+                store.path(version_dir, store.DUPLICATES_FILE), columns=["faiss_id", "cluster_id"]
             )
         except FileNotFoundError:
             return clusters

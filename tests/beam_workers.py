@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 from tests.servers import free_port
@@ -34,11 +35,12 @@ def can_isolate() -> str | None:
     return None if done.returncode == 0 else f"unshare --mount failed: {done.stderr.strip()}"
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, what: str) -> None:
+def _wait_for_port(port: int, process: subprocess.Popen, log, what: str) -> None:
     deadline = time.monotonic() + 60
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited: {process.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"{what} exited: {log.read()[-2000:]}")
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -51,6 +53,8 @@ def _wait_for_port(port: int, process: subprocess.Popen, what: str) -> None:
 def isolated_workers(env: dict[str, str], credentials_json: str):
     """Yields the runner flags of a job service whose workers run isolated."""
     job_port, pool_port = free_port(), free_port()
+    # Logs go to files: a pipe nobody reads fills up and stalls the writer.
+    job_log, pool_log = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
     job_service = subprocess.Popen(
         [
             sys.executable,
@@ -58,9 +62,8 @@ def isolated_workers(env: dict[str, str], credentials_json: str):
             "apache_beam.runners.portability.local_job_service_main",
             f"--port={job_port}",
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=job_log,
+        stderr=subprocess.STDOUT,
     )
     pool_env = (
         os.environ | env | {"CREDENTIALS_JSON": credentials_json, "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -69,14 +72,13 @@ def isolated_workers(env: dict[str, str], credentials_json: str):
     pool = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
         env=pool_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=pool_log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,  # its SDK worker processes are stopped with it
     )
     try:
-        _wait_for_port(job_port, job_service, "the job service")
-        _wait_for_port(pool_port, pool, "the worker pool")
+        _wait_for_port(job_port, job_service, job_log, "the job service")
+        _wait_for_port(pool_port, pool, pool_log, "the worker pool")
         yield [
             "--runner=PortableRunner",
             f"--job_endpoint=localhost:{job_port}",
@@ -88,3 +90,5 @@ def isolated_workers(env: dict[str, str], credentials_json: str):
         job_service.terminate()
         for process in (pool, job_service):
             process.wait(timeout=30)
+        job_log.close()
+        pool_log.close()

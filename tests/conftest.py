@@ -43,6 +43,13 @@ def photo_dir(tmp_path) -> pathlib.Path:
     return folder
 
 
+def live(index_dir) -> pathlib.Path:
+    """The folder of an index's live version (index/store.py keeps versions)."""
+    from imgembed.index import store
+
+    return pathlib.Path(store.live_dir(str(index_dir)))
+
+
 def require_tool(path: pathlib.Path, what: str) -> None:
     """Skips a test whose real component is not installed, except in CI, where every
     component must run (.ci/run sets IMGEMBED_REQUIRE_TOOLS)."""

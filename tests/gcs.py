@@ -72,18 +72,21 @@ def gcs_server(folder: pathlib.Path, bucket: str = "imgembed-test"):
     token_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenHandler)
     threading.Thread(target=token_server.serve_forever, daemon=True).start()
     port = free_port()
+    # Its log goes to a file: a pipe nobody reads fills up and stalls the server.
+    log = open(folder / "gcp-storage-emulator.log", "w")  # noqa: SIM115 - closed below
     emulator = subprocess.Popen(
         [str(EMULATOR), "start", "--host", "127.0.0.1", "--port", str(port)]
         + ["--default-bucket", bucket, "--in-memory"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 60
         while True:
             if emulator.poll() is not None:
-                raise RuntimeError(f"gcp-storage-emulator exited: {emulator.stderr.read()[-2000:]}")
+                raise RuntimeError(
+                    f"gcp-storage-emulator exited: {pathlib.Path(log.name).read_text()[-2000:]}"
+                )
             try:
                 httpx.get(f"http://127.0.0.1:{port}/storage/v1/b", timeout=2)
                 break
@@ -104,4 +107,5 @@ def gcs_server(folder: pathlib.Path, bucket: str = "imgembed-test"):
     finally:
         emulator.terminate()
         emulator.wait(timeout=30)
+        log.close()
         token_server.shutdown()

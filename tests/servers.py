@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -25,18 +26,20 @@ def free_port() -> int:
 def serve(index_dir, *flags: str):
     """Yields the base URL once /health answers; stops the server afterwards."""
     port = free_port()
+    # Its log goes to a file: a pipe nobody reads would fill up and stall the server.
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         [os.path.join(BIN, "imgembed"), "serve", "--index", str(index_dir), "--port", str(port), *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_SECS
     try:
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited: {process.stderr.read()[-3000:]}")
+                log.seek(0)
+                raise RuntimeError(f"server exited: {log.read()[-3000:]}")
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
@@ -49,3 +52,4 @@ def serve(index_dir, *flags: str):
     finally:
         process.terminate()
         process.wait(timeout=30)
+        log.close()

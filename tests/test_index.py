@@ -21,6 +21,7 @@ from imgembed.index.evaluate import QuerySet, recall
 from imgembed.index.reader import EmbeddingSource
 from imgembed.index.vectors import IndexInputError, Metric, prepare
 from imgembed.pipelines import embed
+from tests.conftest import live
 
 MULTI_PROCESS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 
@@ -83,13 +84,13 @@ def test_index_from_the_embed_output(photo_dir, tiny_model_dir, tmp_path, capsys
     )
     assert "Index: flat (Flat)" in capsys.readouterr().out
 
-    report = read_json(index_dir / store.REPORT_FILE)
-    manifest = read_json(index_dir / store.MANIFEST_FILE)
+    report = read_json(live(index_dir) / store.REPORT_FILE)
+    manifest = read_json(live(index_dir) / store.MANIFEST_FILE)
     assert report["recall"]["recall@1"] == 1.0 and report["meets_target"]
     assert manifest["model"]["name"] == "tiny_mobilenet_64"
     assert (manifest["dimension"], manifest["metric"], manifest["count"]) == (256, "cosine", 6)
     assert manifest["preprocessing"]["resize"] == "crop"
-    ids = pq.read_table(index_dir / store.IDS_FILE)
+    ids = pq.read_table(live(index_dir) / store.IDS_FILE)
     rows = pq.read_table(str(embeddings / "tiny_mobilenet_64")).to_pylist()
     by_id = {row["id"]: row for row in rows}
     loaded = store.load(str(index_dir))
@@ -112,7 +113,7 @@ def test_100k_structured_vectors_under_a_budget_below_the_raw_size_meet_the_reca
     assert (
         command.main(["--embeddings", str(folder), "--output", str(index_dir), "--max-memory", budget]) == 0
     )
-    report = read_json(index_dir / store.REPORT_FILE)
+    report = read_json(live(index_dir) / store.REPORT_FILE)
     assert report["index"]["kind"] == kind
     assert "exceed" in report["index"]["reason"]
     assert report["recall"]["recall@10"] >= 0.95 and report["meets_target"]
@@ -135,7 +136,7 @@ def test_beam_sharded_build_returns_the_neighbours_of_a_single_process_build(tmp
     trained = train(plan_for(source, config), source, config)
     single, sharded = faiss.clone_index(trained), faiss.clone_index(trained)
     add_locally(single, source, config.metric)
-    add_with_beam(sharded, source, config.metric, MULTI_PROCESS, temp_location=str(tmp_path / "temp"))
+    add_with_beam(sharded, source, config.metric, [*MULTI_PROCESS, f"--temp_location={tmp_path / 'temp'}"])
 
     queries = prepare(source.take(np.arange(0, 10_000, 97)), config.metric)
     for index in (single, sharded):
@@ -155,8 +156,8 @@ def test_distributed_flag_builds_with_beam_end_to_end(tmp_path):
     index_dir = tmp_path / "index"
     argv = ["--embeddings", str(tmp_path / "emb"), "--output", str(index_dir), "--index-type", "IVF16,Flat"]
     assert command.main(argv + ["--distributed"] + MULTI_PROCESS) == 0
-    assert read_json(index_dir / store.MANIFEST_FILE)["count"] == 3000
-    assert read_json(index_dir / store.REPORT_FILE)["meets_target"]
+    assert read_json(live(index_dir) / store.MANIFEST_FILE)["count"] == 3000
+    assert read_json(live(index_dir) / store.REPORT_FILE)["meets_target"]
 
 
 def test_incremental_add_keeps_training_and_flags_drift(tmp_path):
@@ -187,7 +188,7 @@ def test_incremental_add_keeps_training_and_flags_drift(tmp_path):
     assert drifted["added"] == 10_000
     assert drifted["retrain_advised"], drifted["why"]
     assert "rebuild" in drifted["why"]
-    assert len(read_json(index_dir / store.REPORT_FILE)["additions"]) == 2  # the no-op add is not one
+    assert len(read_json(live(index_dir) / store.REPORT_FILE)["additions"]) == 2  # the no-op add is not one
 
 
 def test_adding_rows_already_indexed_is_refused(tmp_path):
@@ -209,7 +210,7 @@ def test_near_and_exact_duplicates_form_clusters(tmp_path):
     shas[30] = shas[20]  # an exact copy of the file behind row 20
     write_embeddings(str(tmp_path / "emb"), vectors, uris, shas)
     build(EmbeddingSource(str(tmp_path / "emb")), str(tmp_path / "index"), IndexConfig(dedup_threshold=0.999))
-    clusters = pq.read_table(tmp_path / "index" / store.DUPLICATES_FILE).to_pylist()
+    clusters = pq.read_table(live(tmp_path / "index") / store.DUPLICATES_FILE).to_pylist()
     by_row = {row["faiss_id"]: row for row in clusters}
     assert set(by_row) == {0, 1, 2, 20, 30}
     assert {by_row[i]["cluster_id"] for i in (0, 1, 2)} == {0} and by_row[0]["cluster_size"] == 3

@@ -207,3 +207,39 @@ def test_dataflow_is_refused_paths_of_this_machine(tmp_path, capsys):
     argv = [f"--input={tmp_path}", "--output=gs://bucket/out", "--runner=DataflowRunner", "--dry_run=True"]
     assert embed.main(argv) == 2
     assert "Dataflow workers cannot reach it" in capsys.readouterr().err
+
+
+def test_embed_index_and_query_run_end_to_end_on_object_storage(gcs, tmp_path, capsys):
+    from imgembed.common.runners import DEFAULT_RUNNER_ARGS
+    from imgembed.index import command as index_command
+    from imgembed.service import query
+
+    root = gcs.url("end-to-end")
+    photos = upload_photos(storage.join(root, "in"), 30, seed=100)
+    model = storage.join(root, "models", "tiny.tflite")
+    storage.copy_file(tiny_models.save_tflite(str(tmp_path / "tiny.tflite")), model)
+    summary = embed.run(
+        [f"--input={root}/in", f"--output={root}/out", f"--model={model}", "--files-per-shard=10"]
+        + DEFAULT_RUNNER_ARGS
+    )
+    assert summary.balanced and summary.models[0].rows == 30 and summary.shards == 3
+
+    index = storage.join(root, "index")
+    argv = ["--embeddings", f"{root}/out/tiny", "--output", index, "--dims", "64", "--distributed"]
+    argv += ["--index-type", "IVF4,Flat", f"--temp_location={root}/tmp", "--no-transform-report"]
+    assert index_command.main(argv) == 0, capsys.readouterr().err
+    assert "30 vectors x 64-d" in capsys.readouterr().out
+    assert storage.exists(
+        storage.join(root, "out", "tiny", "transform_pca64", "transform_fn", "saved_model.pb")
+    )
+    assert not storage.list_files(storage.join(root, "tmp", "**"))  # the distributed build's files are gone
+    version = storage.read_bytes(storage.join(index, "CURRENT")).decode()
+    manifest = json.loads(storage.read_bytes(storage.join(index, version, "manifest.json")))
+    assert manifest["count"] == 30 and manifest["transform"]["output_dim"] == 64
+
+    rows = read_tables(embeddings_glob(storage.join(root, "out", "tiny")))
+    first = rows.slice(0, 1).to_pylist()[0]
+    assert query.main(["--index", index, "--id", first["id"], "-k", "5", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert len(hits) == 5 and first["id"] not in [hit["id"] for hit in hits]
+    assert {hit["uri"].rsplit("/", 1)[-1] for hit in hits} <= set(photos)

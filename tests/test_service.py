@@ -23,6 +23,7 @@ from imgembed.index import command as index_command
 from imgembed.models.registry import EMBEDDED_MODEL_NAME
 from imgembed.pipelines import embed
 from imgembed.pipelines.default_corpus import default_corpus_patterns
+from tests.conftest import live
 from tests.servers import serve
 
 BIN = os.path.dirname(sys.executable)
@@ -301,9 +302,10 @@ def test_an_index_without_a_loadable_model_still_serves_vectors(built, tmp_path)
 
     index_dir = tmp_path / "index"
     shutil.copytree(built / "index", index_dir)
-    manifest = json.loads((index_dir / "manifest.json").read_text())
+    manifest_file = live(index_dir) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
     manifest["model"]["source"] = str(tmp_path / "gone")
-    (index_dir / "manifest.json").write_text(json.dumps(manifest))
+    manifest_file.write_text(json.dumps(manifest))
     searcher = Searcher(str(index_dir))
     assert searcher.model is None
     with pytest.raises(QueryError) as caught:

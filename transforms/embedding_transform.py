@@ -23,10 +23,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
+import uuid
 
 import numpy as np
 import pyarrow as pa
+
+from imgembed.common import storage
+from imgembed.common.local_copies import local_path
+from imgembed.common.runners import local_workers
 
 EMBEDDING = "embedding"
 # A second output, the same for every row: the share of the corpus variance the
@@ -114,15 +120,31 @@ def analyze(
     embedding_files: list[str], dim: int, options: TransformOptions, output_dir: str, pipeline_args=()
 ) -> str:
     """Runs the full pass with tft_beam on the given Beam runner; writes the graph
-    into ``output_dir`` and returns it."""
+    into ``output_dir`` (any Beam filesystem) and returns it.
+
+    tf.Transform itself writes through TensorFlow's filesystems, on the workers: its
+    working files go in a temporary folder of this machine on the local runner
+    (its workers share the disk), else under Beam's ``--temp_location`` (gs:// on
+    Dataflow). The finished graph is then copied to ``output_dir``."""
     import apache_beam as beam
     import tensorflow_transform.beam as tft_beam
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
     preprocessing_fn = preprocessing_fn_for(options, dim)
+    beam_options = PipelineOptions(list(pipeline_args))
+    temp_location = (
+        None if local_workers(beam_options) else beam_options.view_as(GoogleCloudOptions).temp_location
+    )
+    if temp_location is None and not local_workers(beam_options):
+        raise ValueError(
+            "tf.Transform on a remote runner needs Beam's --temp_location (e.g. gs://bucket/tmp)"
+        )
+    local_temp = None if temp_location else tempfile.mkdtemp(prefix="imgembed-tft-")
+    work = storage.join(temp_location or local_temp, f"imgembed-tft-{uuid.uuid4().hex}")
+    written = storage.join(work, "graph")
     with (
-        beam.Pipeline(options=PipelineOptions(list(pipeline_args))) as pipeline,
-        tft_beam.Context(temp_dir=tempfile.mkdtemp(prefix="imgembed-tft-")),
+        beam.Pipeline(options=beam_options) as pipeline,
+        tft_beam.Context(temp_dir=storage.join(work, "tmp")),
     ):
         batches = (
             pipeline
@@ -133,9 +155,14 @@ def analyze(
         transform_fn = (batches, _tensor_adapter_config(dim)) | "Analyze" >> tft_beam.AnalyzeDataset(
             preprocessing_fn
         )
-        _ = transform_fn | "Write" >> tft_beam.WriteTransformFn(output_dir)
-    with open(os.path.join(output_dir, OPTIONS_FILE), "w") as file:
-        json.dump(options.to_metadata() | {"input_dim": dim}, file, indent=2)
+        _ = transform_fn | "Write" >> tft_beam.WriteTransformFn(written)
+    storage.delete_folder(output_dir)  # a graph of an earlier run must not mix with this one
+    storage.copy_tree(written, output_dir)
+    storage.delete_folder(work)
+    if local_temp:
+        shutil.rmtree(local_temp, ignore_errors=True)
+    metadata = options.to_metadata() | {"input_dim": dim}
+    storage.write_atomically(storage.join(output_dir, OPTIONS_FILE), json.dumps(metadata, indent=2).encode())
     return output_dir
 
 
@@ -143,13 +170,15 @@ class EmbeddingTransform:
     """The analyzed graph, applied to raw embeddings: float32 [N, d] -> [N, k]."""
 
     def __init__(self, transform_dir: str):
+        """``transform_dir`` on any Beam filesystem (read from a local copy)."""
         import tensorflow_transform as tft
 
-        if not os.path.isdir(os.path.join(transform_dir, "transform_fn")):
+        self.directory = transform_dir  # where others (Beam workers) can find it too
+        local = transform_dir if storage.is_local(transform_dir) else local_path(transform_dir, folder=True)
+        if not os.path.isdir(os.path.join(local, "transform_fn")):
             raise ValueError(f"{transform_dir} holds no tf.Transform graph (transform_fn/)")
-        self.directory = transform_dir
-        self._output = tft.TFTransformOutput(transform_dir)
-        with open(os.path.join(transform_dir, OPTIONS_FILE)) as file:
+        self._output = tft.TFTransformOutput(local)
+        with open(os.path.join(local, OPTIONS_FILE)) as file:
             self.options = json.load(file)
 
     def __call__(self, vectors: np.ndarray) -> np.ndarray:

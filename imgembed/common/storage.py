@@ -69,10 +69,18 @@ def match_sizes(patterns: list[str]) -> list[dict[str, int]]:
         return list(pool.map(one, patterns))
 
 
-def read_bytes(path: str) -> bytes:
+def open_file(path: str):
+    """A binary file open for reading: the builtin one for local paths (no Beam needed),
+    Beam's for the rest."""
+    if is_local(path):
+        return open(path.removeprefix("file://"), "rb")  # noqa: SIM115 - the caller closes it
     from apache_beam.io.filesystem import CompressionTypes
 
-    with _filesystems().open(path, compression_type=CompressionTypes.UNCOMPRESSED) as file:
+    return _filesystems().open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def read_bytes(path: str) -> bytes:
+    with open_file(path) as file:
         return file.read()
 
 

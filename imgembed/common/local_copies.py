@@ -1,13 +1,13 @@
-"""Model files and folders on any Beam filesystem (gs://, s3://...), copied once to
-this machine's disk for the libraries that read only local paths (TFLite, Keras,
-TF Hub's loader for folders).
+"""Files and folders on any Beam filesystem (gs://, s3://...), copied once to this
+machine's disk for the libraries that read only local paths (TFLite, Keras, TF
+Hub's loader for folders, faiss, tf.Transform's graph loader).
 
 Copies are cached by what the store says of the source (path, size, time of last
 change), so a worker copies each model once, and a model replaced at the same
 path is copied again.
 
->>> local_model_path("gs://bucket/models/mobilenet.tflite")
-'/root/.cache/imgembed/models/3f1c9a0b2d4e6f70/mobilenet.tflite'
+>>> local_path("gs://bucket/models/mobilenet.tflite")
+'/root/.cache/imgembed/copies/3f1c9a0b2d4e6f70/mobilenet.tflite'
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from imgembed.common import storage
 
 def cache_root() -> pathlib.Path:
     base = os.environ.get("IMGEMBED_CACHE_DIR", pathlib.Path.home() / ".cache" / "imgembed")
-    return pathlib.Path(base) / "models"
+    return pathlib.Path(base) / "copies"
 
 
 def is_remote(source: str) -> bool:
@@ -31,7 +31,7 @@ def is_remote(source: str) -> bool:
     return not storage.is_local(source) and not source.startswith(("http://", "https://"))
 
 
-def local_model_path(source: str, folder: bool = False) -> str:
+def local_path(source: str, folder: bool = False) -> str:
     """``source`` itself when it is local; else the path of its local copy (a file, or
     a folder with ``folder``)."""
     if not is_remote(source):
