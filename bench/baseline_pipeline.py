@@ -3,7 +3,9 @@ what a Beam user writes first with the stock pieces. Not used by imgembed.
 
 Files -> PIL full decode, RGB, centred square crop, bilinear resize -> Beam's
 stock TFModelHandlerNumpy on a SavedModel (TF_USE_LEGACY_KERAS=1, as Beam's
-handler needs tf.keras 2) -> dict rows -> WriteToParquet, on the default runner.
+handler needs tf.keras 2) -> dict rows -> WriteToParquet, on the local runner with
+one worker process per core, as imgembed runs (Beam's DirectRunner alone would use
+one process, and the comparison would not be like with like).
 
     python bench/baseline_pipeline.py INPUT_GLOB OUTPUT_PREFIX SAVED_MODEL_DIR SIZE
 """
@@ -35,8 +37,11 @@ def main(pattern: str, output: str, saved_model: str, size: int) -> None:
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
 
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     schema = pa.schema([("uri", pa.string()), ("embedding", pa.list_(pa.float32()))])
-    with beam.Pipeline() as pipeline:
+    every_core = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=0"]
+    with beam.Pipeline(options=PipelineOptions(every_core)) as pipeline:
         _ = (
             pipeline
             | fileio.MatchFiles(pattern)

@@ -7,9 +7,9 @@ for importing TensorFlow.
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 import sys
+
+from imgembed import console
 
 # subcommand: (module with main(argv) -> exit code, one-line help)
 COMMANDS = {
@@ -31,9 +31,12 @@ COMMANDS = {
     "models": ("imgembed.models.catalogue", "list the models known by short name"),
 }
 
-USAGE = "usage: imgembed <command> [flags]   (imgembed <command> --help for its flags)\n\n" + "\n".join(
-    f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()
+USAGE = (
+    "usage: imgembed <command> [flags] [-v]   (imgembed <command> --help for its flags;\n"
+    "       -v/--verbose shows the logs of Beam, TensorFlow and the rest)\n\n"
+    + "\n".join(f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items())
 )
+VERBOSE_FLAGS = ("-v", "--verbose")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    command, rest = argv[0], argv[1:]
+    command, rest = argv[0], [arg for arg in argv[1:] if arg not in VERBOSE_FLAGS]
     if command not in COMMANDS:
         print(f"imgembed: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    # TensorFlow's C++ start-up chatter hides our output; users can still set it.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Before the command's module imports TensorFlow or Beam: their settings are read once.
+    console.configure(verbose=len(rest) < len(argv) - 1)
+    console.show_progress()
     module = importlib.import_module(COMMANDS[command][0])
     return module.main(rest)
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgembed import __version__
-from imgembed.common import storage
+from imgembed.common import progress, storage
 from imgembed.index import store
 from imgembed.index.choose import IndexPlan, choose_index, nlist_for
 from imgembed.index.duplicates import write_duplicates
@@ -115,17 +115,28 @@ def _new_version(index_dir: str, overwrite: bool) -> store.NewVersion:
     return store.NewVersion.start(index_dir)
 
 
-class _Stopwatch:
-    """Seconds per phase of a build, for the report."""
+class _Phases:
+    """The phases of a build, one after the other: their seconds for the report, and
+    their progress while they run (imgembed/common/progress.py)."""
 
-    def __init__(self):
+    def __init__(self, label: str = "index"):
         self.seconds: dict[str, float] = {}
-        self._started = time.perf_counter()
+        self._label = label
+        self._current: tuple[str, float, progress.Phase] | None = None
 
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._started, 3)
-        self._started = now
+    def begin(self, name: str, total: int | None = None, unit: str = "vectors") -> progress.Phase:
+        """Ends the phase running, if any, and starts ``name``."""
+        self.end()
+        phase = progress.start(f"{self._label}: {name}", total, unit)
+        self._current = (name, time.perf_counter(), phase)
+        return phase
+
+    def end(self) -> None:
+        if self._current is not None:
+            name, started, phase = self._current
+            progress.finish(phase)
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 3)
+            self._current = None
 
 
 @dataclasses.dataclass
@@ -139,25 +150,26 @@ class FittedIndex:
     eval_set: QuerySet | None
 
 
-def fit(source: EmbeddingSource, config: IndexConfig, add: AddFunction, clock: _Stopwatch) -> FittedIndex:
+def fit(source: EmbeddingSource, config: IndexConfig, add: AddFunction, clock: _Phases) -> FittedIndex:
     """Choose, train, add, then tune and measure on held-out queries."""
     plan = plan_for(source, config)
+    clock.begin("train", plan.train_size or None)
     index = train(plan, source, config)
-    clock.lap("train")
-    add(index, source, config.metric)
-    clock.lap("add")
+    add(index, source.reporting(clock.begin("add", source.count)), config.metric)
+    clock.end()
     report = {"index": dataclasses.asdict(plan), "count": source.count, "dimension": source.dim}
     if source.count < 2:
         report |= {"recall": {}, "meets_target": True, "note": "one vector: nothing to measure"}
         return FittedIndex(plan, index, {}, report, None)
     k = min(RECALL_K, source.count - 1)  # a tiny corpus has fewer than 10 neighbours
-    tune_set, eval_set, shared = _query_sets(source, config)
-    clock.lap("exact_search")
-    target = min(1.0, config.recall_target + TUNING_MARGIN)
-    params, tuned_recall, met = tune(
-        index, search_param_grid(plan, index), tune_set, k, target, set_search_params
+    tune_set, eval_set, shared = _query_sets(
+        source.reporting(clock.begin("exact_search", source.count)), config
     )
-    clock.lap("tune")
+    target = min(1.0, config.recall_target + TUNING_MARGIN)
+    grid = search_param_grid(plan, index)
+    clock.begin("tune", len(grid), "settings")
+    params, tuned_recall, met = tune(index, grid, tune_set, k, target, set_search_params)
+    clock.begin("evaluate")
     report |= {
         "recall": recall_report(index, eval_set, source.count),
         "latency": latency(index, eval_set, k),
@@ -165,7 +177,7 @@ def fit(source: EmbeddingSource, config: IndexConfig, add: AddFunction, clock: _
         f"tuned_recall@{k}": round(tuned_recall, 4),
     }
     report["meets_target"] = bool(met and report["recall"][f"recall@{k}"] >= config.recall_target)
-    clock.lap("evaluate")
+    clock.end()
     return FittedIndex(plan, index, params, report, eval_set)
 
 
@@ -180,21 +192,23 @@ def build(
     (through the tf.Transform graph first when ``config.transform`` asks for one)."""
     version = _new_version(index_dir, overwrite)
     local = version.local_dir
-    clock = _Stopwatch()
+    clock = _Phases()
     raw = source
     transform_info = None
     if config.transform is not None:
+        clock.begin("transform_analysis", raw.count)
         source, transform_info = attach_transform(raw, local, config)
-        clock.lap("transform_analysis")
+        clock.end()
     fitted = fit(source, config, add, clock)
     report = fitted.report | {
         "recall_target": config.recall_target,
         "search_params": fitted.search_params,
         "metric": config.metric.value,
     }
+    clock.begin("write", source.count)
     faiss.write_index(fitted.index, store.path(local, store.INDEX_FILE))
     store.write_ids([source], local)
-    clock.lap("write")
+    clock.end()
     manifest = {
         "format_version": store.FORMAT_VERSION,
         "imgembed_version": __version__,
@@ -212,14 +226,17 @@ def build(
         "parts": [_part(source)],
     }
     store.write_json(local, store.MANIFEST_FILE, manifest)
-    report["duplicates"] = _duplicates(local, fitted.index, [source], config)
-    clock.lap("duplicates")
+    report["duplicates"] = _duplicates(
+        local, fitted.index, [source.reporting(clock.begin("duplicates", source.count))], config
+    )
+    clock.end()
     index_bytes = os.path.getsize(store.path(local, store.INDEX_FILE))
     if transform_info is not None:
         report["transform"] = dict(transform_info)
         if config.compare_raw and source.count > 1:
+            clock.begin("raw_comparison")
             report["transform"] |= compare_with_raw(raw, source, fitted, index_bytes, config)
-            clock.lap("raw_comparison")
+            clock.end()
     report |= {"seconds": clock.seconds, "index_bytes": index_bytes, "version": version.name}
     store.write_json(local, store.REPORT_FILE, report)
     version.publish()
@@ -261,7 +278,7 @@ def compare_with_raw(
     transformed index ("after") and an index of the raw vectors built the same
     way under the same budget ("before")."""
     raw_config = dataclasses.replace(config, transform=None)
-    raw_fit = fit(raw, raw_config, add_locally, _Stopwatch())
+    raw_fit = fit(raw, raw_config, add_locally, _Phases("raw-vector index"))
     k = min(RECALL_K, raw.count - 1)
     truth = raw_fit.eval_set  # exact neighbours in the raw space
     seen_through_transform = dataclasses.replace(

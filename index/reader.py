@@ -83,6 +83,7 @@ class EmbeddingSource:
         self.metadata: dict | None = None
         self.raw_dim: int | None = None
         self.transform = None
+        self.progress = None
         next_id = first_id
         for path in paths:
             schema, num_rows = _footer(path)
@@ -130,6 +131,12 @@ class EmbeddingSource:
         """Width of the vectors this source yields: the transform's output, if any."""
         return self.transform.output_dim if self.transform is not None else self.raw_dim
 
+    def reporting(self, phase) -> EmbeddingSource:
+        """The same rows; each batch read advances ``phase`` (imgembed/common/progress.py)."""
+        reporting = copy.copy(self)
+        reporting.progress = phase
+        return reporting
+
     def with_transform(self, transform) -> EmbeddingSource:
         """The same rows, each batch passed through ``transform`` (raw [N, d] -> [N, k])."""
         transformed = copy.copy(self)
@@ -142,6 +149,8 @@ class EmbeddingSource:
         for first_id, batch in self.record_batches([EMBEDDING_COLUMN], files):
             vectors = vectors_of(batch)
             yield first_id, vectors if self.transform is None else self.transform(vectors)
+            if self.progress is not None:
+                self.progress.advance(len(vectors))
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """The vectors with these FAISS ids (sorted or not), reading only the files that hold them."""
@@ -153,7 +162,7 @@ class EmbeddingSource:
             lo, hi = np.searchsorted(sorted_ids, [file.first_id, file.first_id + file.num_rows])
             if lo == hi:
                 continue
-            for first_id, vectors in self.vector_batches([file]):
+            for first_id, vectors in self.reporting(None).vector_batches([file]):
                 in_batch = sorted_ids[lo:hi] - first_id
                 keep = (in_batch >= 0) & (in_batch < len(vectors))
                 result[order[lo:hi][keep]] = vectors[in_batch[keep]]

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from imgembed.common import progress
 from imgembed.common.charts import bar_chart_svg
 from imgembed.models.errors import ModelLoadError
 from imgembed.models.evaluation import KNN, embed_all, knn_overlap, read_images, read_labels, top1
@@ -61,24 +62,28 @@ def classification_sibling(spec: ModelSpec) -> ModelSpec | None:
     return sibling if sibling.output_dim in (NUM_CLASSES, NUM_CLASSES - 1) else None
 
 
-def timed_embeddings(spec: ModelSpec, images_by_size, repeats: int = 1) -> tuple[np.ndarray, float]:
+def timed_embeddings(
+    spec: ModelSpec, images_by_size, repeats: int = 1, clock=time.perf_counter
+) -> tuple[np.ndarray, float]:
+    """(vectors, images per second of the model calls, warm); ``clock`` is injectable."""
     embedder = load_model(spec)
     images = images_by_size(spec.image_size)
     embed_all(embedder, images[:8])  # warm up: tracing, allocation
-    started = time.perf_counter()
+    started = clock()
     for _ in range(repeats):
         vectors = embed_all(embedder, images)
-    return vectors, repeats * len(images) / (time.perf_counter() - started)
+    return vectors, repeats * len(images) / (clock() - started)
 
 
 def compare(
-    specs: list[ModelSpec], images_by_size, paths, labels, reference: str | None
+    specs: list[ModelSpec], images_by_size, paths, labels, reference: str | None, clock=time.perf_counter
 ) -> list[VariantResult]:
     reference = reference or max(specs, key=lambda s: (s.output_dim, s.image_size)).name
     cores = os.cpu_count() or 1
     results, vectors = [], {}
     for spec in specs:
-        vectors[spec.name], speed = timed_embeddings(spec, images_by_size)
+        with progress.phase(f"compare: {spec.name}"):
+            vectors[spec.name], speed = timed_embeddings(spec, images_by_size, clock=clock)
         results.append(
             VariantResult(
                 spec.name, spec.image_size, spec.output_dim, spec.output_dim * 4, speed, speed / cores

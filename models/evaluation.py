@@ -41,8 +41,14 @@ def read_images(
     return scale_pixels(np.stack(pixels)), used
 
 
-def embed_all(embedder, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    return np.concatenate([embedder(images[i : i + batch]) for i in range(0, len(images), batch)])
+def embed_all(embedder, images: np.ndarray, batch: int = 32, on_batch=None) -> np.ndarray:
+    """Every image's vector, ``batch`` at a time; ``on_batch(n)`` after each batch."""
+    vectors = []
+    for start in range(0, len(images), batch):
+        vectors.append(embedder(images[start : start + batch]))
+        if on_batch is not None:
+            on_batch(len(vectors[-1]))
+    return np.concatenate(vectors)
 
 
 def knn_overlap(reference: np.ndarray, other: np.ndarray, k: int = KNN) -> float:

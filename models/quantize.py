@@ -27,6 +27,7 @@ import sys
 
 import numpy as np
 
+from imgembed.common import progress
 from imgembed.models import tflite
 from imgembed.models.errors import ModelLoadError
 from imgembed.models.evaluation import KNN, embed_all, fidelity, read_images, read_labels, top1
@@ -134,7 +135,8 @@ def main(argv: list[str]) -> int:
         calibration, _ = read_images(
             args.calibration, args.calibration_size, preprocessing, spec.image_size, args.seed
         )
-        int8_bytes, kept_float = convert_to_int8(spec, calibration, args.float_layers)
+        with progress.phase("quantize: calibration", len(calibration), "images"):
+            int8_bytes, kept_float = convert_to_int8(spec, calibration, args.float_layers)
         with open(args.output, "wb") as file:
             file.write(int8_bytes)
         images, paths = read_images(
@@ -155,8 +157,9 @@ def main(argv: list[str]) -> int:
             "layers_kept_float": [layer_name(name) for name in kept_float],
             "preprocessing": preprocessing.to_metadata(),
         }
-        float_vectors = embed_all(load_model(spec), images)
-        int8_vectors = embed_all(load_model(quantized), images)
+        with progress.phase("quantize: comparison with float", 2 * len(images), "images") as bar:
+            float_vectors = embed_all(load_model(spec), images, on_batch=bar.advance)
+            int8_vectors = embed_all(load_model(quantized), images, on_batch=bar.advance)
         report["fidelity"] = fidelity(float_vectors, int8_vectors)
         if args.labels and spec.flavour is Flavour.CLASSIFICATION:
             labels = read_labels(args.labels)

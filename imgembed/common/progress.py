@@ -59,11 +59,21 @@ def set_display(display: Display) -> None:
     _display = display
 
 
-@contextlib.contextmanager
-def phase(name: str, total: int | None = None, unit: str = "items") -> Iterator[Phase]:
+def start(name: str, total: int | None = None, unit: str = "items") -> Phase:
+    """A phase that has begun; ``finish`` it (or use ``phase``, which does)."""
     current = Phase(name, total, unit)
     _display.started(current)
+    return current
+
+
+def finish(current: Phase) -> None:
+    _display.finished(current)
+
+
+@contextlib.contextmanager
+def phase(name: str, total: int | None = None, unit: str = "items") -> Iterator[Phase]:
+    current = start(name, total, unit)
     try:
         yield current
     finally:
-        _display.finished(current)
+        finish(current)
