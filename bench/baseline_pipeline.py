@@ -36,7 +36,6 @@ def main(pattern: str, output: str, saved_model: str, size: int) -> None:
     from apache_beam.io import fileio
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
-
     from apache_beam.options.pipeline_options import PipelineOptions
 
     schema = pa.schema([("uri", pa.string()), ("embedding", pa.list_(pa.float32()))])

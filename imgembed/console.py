@@ -33,12 +33,13 @@ QUIET_ENVIRONMENT = {
 }
 # Native log lines: absl's "I1203 10:02:03.123 4242 file.cc:12] ..." (info, warning,
 # error; fatal ones pass), its notice before initialisation, TensorFlow's CPU
-# feature note, and TFLite's XNNPACK line.
+# feature note, and TFLite's XNNPACK line (written in pieces: two workers' copies
+# can interleave, so it is matched anywhere in a line).
 NATIVE_NOISE = re.compile(
     rb"^([IWE]\d{4} \d\d:\d\d:[\d.]+\s+\d+ \S+:\d+\]"
     rb"|WARNING: All log messages before absl::InitializeLog\(\)"
-    rb"|To enable the following instructions:"
-    rb"|INFO: Created TensorFlow Lite XNNPACK delegate)"
+    rb"|To enable the following instructions:)"
+    rb"|Created TensorFlow Lite XNNPACK delegate"
 )
 THIRD_PARTY_LOGGERS = (
     "apache_beam",
@@ -83,7 +84,7 @@ def _filter_native_stderr() -> None:
     def pump():
         with os.fdopen(reader, "rb") as lines:
             for line in lines:
-                if not NATIVE_NOISE.match(line):
+                if not NATIVE_NOISE.search(line):
                     os.write(real, line)
 
     thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
@@ -137,7 +138,6 @@ class LineDisplay(progress.Display):
         self._every = every
         self._started: dict[progress.Phase, float] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         threading.Thread(target=self._tick, name="progress-lines", daemon=True).start()
 
     def _line(self, text: str) -> None:
@@ -153,15 +153,14 @@ class LineDisplay(progress.Display):
     def started(self, phase):
         with self._lock:
             self._started[phase] = time.monotonic()
-        total = f" ({phase.total:,} {phase.unit})" if phase.total else ""
-        self._line(f"{phase.name}: started{total}")
 
     def finished(self, phase):
         with self._lock:
             started = self._started.pop(phase, time.monotonic())
-        self._line(
-            f"{phase.name}: done, {phase.done:,} {phase.unit} in {_duration(time.monotonic() - started)}"
-        )
+        took = time.monotonic() - started
+        if took >= SHORT_PHASE_SECONDS:
+            count = f", {phase.done:,} {phase.unit}" if phase.done else ""
+            self._line(f"{phase.name}: done in {_duration(took)}{count}")
 
     def _tick(self):
         while True:
