@@ -1,135 +1,349 @@
-"""Load test of a running `imgembed serve`: by-vector and by-image queries from
-concurrent clients, bounded in requests and time, loopback only.
+"""Load test of the real service, measured from outside with wrk.
 
-    .venv/bin/imgembed serve --index out/index &
-    .venv/bin/python bench/load_test.py --url http://127.0.0.1:8000 --markdown docs/benchmarks/service.md
+    .venv/bin/python bench/load_test.py                          # 500k x 1024 synthetic index
+    .venv/bin/python bench/load_test.py --index out/index --images-only
+    .venv/bin/python bench/load_test.py --count 5000000 --dim 256 --max-memory 1G
 
-Prints, for each kind, requests completed, errors, queries per second and p50/p99
-latency. Exits 1 if any request failed.
+Builds (or takes) an index, starts `imgembed serve` on loopback, and drives it with
+wrk (Debian's; installed with apt-get when missing) from the same machine: 32
+connections, k=10, by id (GET /v1/neighbors/<random indexed id>) and by vector
+(POST /v1/search with one vector). On an index built from images (--index with a
+model), also by image (POST /v1/search/image with a JPEG), against the model's own
+images/s on the same machine. Reports requests/s, p50/p99 latency, errors, the time
+the service takes to start, and its memory beyond the index: the proportional set
+size (PSS) of its processes after the load, less the index's own RAM and less the
+PSS of the same service over a 1000-item index (Python, the libraries).
+
+Writes docs/benchmarks/service.md. Not a test: speeds depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import glob
 import json
-import pathlib
+import os
+import re
+import shutil
+import socket
+import subprocess
 import sys
-import threading
+import tempfile
 import time
-import urllib.parse
 
-import httpx
 import numpy as np
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO]
+
+from fixtures.synthetic_vectors import write_synthetic_embeddings  # noqa: E402
+
+BIN = os.path.dirname(sys.executable)
+CONNECTIONS = 32
+SECONDS = 20
+WORKERS = os.cpu_count() or 1
+
+BY_ID = """
+local ids = {}
+for line in io.lines("%(ids)s") do ids[#ids + 1] = line end
+request = function()
+  return wrk.format("GET", "/v1/neighbors/" .. ids[math.random(#ids)] .. "?k=10")
+end
+"""
+BY_BODY = """
+local bodies = {}
+for line in io.lines("%(bodies)s") do bodies[#bodies + 1] = line end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "%(content_type)s"
+request = function()
+  return wrk.format(nil, "%(path)s", nil, bodies[math.random(#bodies)])
+end
+"""
+BY_FILE = """
+local file = io.open("%(body)s", "rb")
+local body = file:read("*a")
+file:close()
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=imgembedbench"
+wrk.body = body
+wrk.path = "%(path)s"
+"""
 
 
-def default_image() -> str:
-    import importlib.metadata
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    prefix = [] if os.geteuid() == 0 else ["sudo"]
+    subprocess.run(prefix + ["apt-get", "install", "-y", "-qq", "wrk"], check=True)
+    return shutil.which("wrk")
 
-    folder = importlib.metadata.distribution("scikit-image").locate_file("skimage/data")
-    return sorted(glob.glob(f"{folder}/chelsea.png"))[0]
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
-def run_kind(url: str, kind: str, requests: int, clients: int, seconds: float, payload) -> dict:
-    latencies: list[float] = []
-    errors = 0
-    issued = 0
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
+def descendants(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid] + [process for child in children for process in descendants(int(child))]
 
-    def client_loop():
-        nonlocal issued, errors
-        with httpx.Client(base_url=url, timeout=60) as http:
-            while True:
-                with lock:
-                    if issued >= requests or time.monotonic() > deadline:
-                        return
-                    issued += 1
-                started = time.perf_counter()
-                try:
-                    response = payload(http)
-                    failed = response.status_code != 200
-                except httpx.HTTPError:
-                    failed = True
-                elapsed = time.perf_counter() - started
-                with lock:
-                    latencies.append(elapsed)
-                    errors += failed
 
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(client_loop) for _ in range(clients)]:
-            future.result()
-    wall = time.perf_counter() - started
+def pss_bytes(pid: int) -> int:
+    """PSS of a process and its descendants (the uvicorn supervisor and its workers):
+    memory-mapped pages shared by the workers count once in all."""
+    total = 0
+    for process in descendants(pid):
+        try:
+            with open(f"/proc/{process}/smaps_rollup") as rollup:
+                total += int(re.search(r"^Pss:\s+(\d+) kB", rollup.read(), re.MULTILINE).group(1)) * 1024
+        except (OSError, AttributeError):  # ended meanwhile
+            pass
+    return total
+
+
+class Server:
+    def __init__(self, index: str, workers: int = WORKERS):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [os.path.join(BIN, "imgembed"), "serve", "--index", index, "--port", str(self.port)]
+            + ["--workers", str(workers)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.perf_counter() - started > 600:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        self.start_seconds = time.perf_counter() - started
+        # Every worker answers (not only the first one up).
+        for _ in range(20 * workers):
+            httpx.get(f"{self.url}/health", timeout=5)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def wrk(url: str, script: str, work: str, name: str, seconds: int = SECONDS) -> dict:
+    path = os.path.join(work, f"{name}.lua")
+    with open(path, "w") as file:
+        file.write(script)
+    done = subprocess.run(
+        [ensure_wrk(), "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", "-s", path, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    text = done.stdout
+
+    def latency(percentile: str) -> float:
+        value, unit = re.search(rf"^\s+{percentile}%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     return {
-        "kind": kind,
-        "clients": clients,
-        "completed": len(latencies),
-        "errors": errors,
-        "seconds": round(wall, 2),
-        "qps": round(len(latencies) / wall, 1),
-        "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 1),
-        "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 1),
+        "requests_per_sec": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "requests": int(re.search(r"(\d+) requests in", text).group(1)),
+        "errors": (int(errors.group(1)) if errors else 0)
+        + (sum(int(n) for n in socket_errors.groups()) if socket_errors else 0),
     }
+
+
+def build_index(folder: str, count: int, dim: int, max_memory: str, work: str) -> str:
+    embeddings = os.path.join(work, f"synthetic-{count}x{dim}")
+    if not os.path.isdir(embeddings):
+        write_synthetic_embeddings(embeddings, count=count, dim=dim, files=max(1, count // 250_000))
+    index = os.path.join(work, f"index-{count}x{dim}-{max_memory}")
+    if not os.path.exists(os.path.join(index, "CURRENT")):
+        subprocess.run(
+            [os.path.join(BIN, "imgembed"), "index", "--embeddings", embeddings, "--output", index]
+            + ["--max-memory", max_memory, "--no-near-duplicates", "--overwrite"],
+            check=True,
+        )
+    return index
+
+
+def sample_ids(index: str, count: int = 10_000) -> list[str]:
+    from imgembed.index import store
+
+    loaded = store.load(index, mmap=True)
+    rows = np.random.default_rng(0).choice(loaded.count, size=min(count, loaded.count), replace=False)
+    return [row["id"] for row in loaded.items.describe([int(r) for r in rows], ("id",))]
+
+
+def index_ram_bytes(index: str) -> int:
+    from imgembed.index import store
+
+    loaded = store.load(index, mmap=True)
+    report = store.read_json(loaded.directory, store.REPORT_FILE)
+    return int(report["index"]["estimated_bytes"] or report["index_bytes"])
+
+
+def multipart(image: str) -> bytes:
+    with open(image, "rb") as file:
+        data = file.read()
+    return (
+        b"--imgembedbench\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n"
+        b"Content-Type: image/jpeg\r\n\r\n" + data + b"\r\n--imgembedbench--\r\n"
+    )
+
+
+def model_images_per_sec(index: str, image: str) -> float:
+    """The index's model alone, one image at a time, one thread per core on every core:
+    what the service's workers can do at most."""
+    code = (
+        "import sys, time, numpy as np\n"
+        "from imgembed.index import store\n"
+        "from imgembed.models.loading import load_model\n"
+        "from imgembed.models.registry import ModelSpec\n"
+        "loaded = store.load(sys.argv[1], mmap=True)\n"
+        "model = load_model(ModelSpec.from_metadata(loaded.manifest['model']), threads=1)\n"
+        "size = model.spec.image_size\n"
+        "pixels = np.zeros([1, size, size, 3], np.uint8)\n"
+        "for _ in range(20): model.embed_pixels(pixels)\n"
+        "started = time.perf_counter()\n"
+        "for _ in range(300): model.embed_pixels(pixels)\n"
+        "print(300 / (time.perf_counter() - started))\n"
+    )
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code, index], stdout=subprocess.PIPE, text=True)
+        for _ in range(WORKERS)
+    ]
+    return sum(float(run.communicate()[0].split()[-1]) for run in runs)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--requests", type=int, default=2000, help="per kind (default 2000)")
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=120, help="time limit per kind (default 120)")
-    parser.add_argument("--image", default=None, help="image to upload (default: scikit-image's chelsea.png)")
-    parser.add_argument("--json", default=None, help="write results as JSON here")
-    parser.add_argument("--markdown", default=None, help="write results as a markdown table here")
+    parser.add_argument("--index", default=None, help="an index to serve (default: build a synthetic one)")
+    parser.add_argument("--count", type=int, default=500_000)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--max-memory", default="1G")
+    parser.add_argument("--image", default=None, help="the JPEG uploaded by image queries")
+    parser.add_argument("--seconds", type=int, default=SECONDS)
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks", "service.md"))
     args = parser.parse_args()
-    host = urllib.parse.urlparse(args.url).hostname
-    if host not in LOOPBACK:
-        print(f"load_test: refusing {args.url}: loopback only", file=sys.stderr)
-        return 2
-    health = httpx.get(f"{args.url}/health", timeout=30).json()
-    vectors = np.random.default_rng(0).random((64, health["dimension"])).astype(np.float32).tolist()
-    counter = iter(range(10**9))
-    image = pathlib.Path(args.image or default_image()).read_bytes()
+    work = args.work or tempfile.mkdtemp(prefix="imgembed-load-")
+    os.makedirs(work, exist_ok=True)
+    index = args.index or build_index(work, args.count, args.dim, args.max_memory, work)
+    baseline_index = build_index(work, 1000, args.dim, args.max_memory, work)
 
-    def by_vector(http):
-        return http.post("/v1/search", json={"vectors": [vectors[next(counter) % 64]], "k": 10})
+    baseline = Server(baseline_index)
+    baseline_pss = pss_bytes(baseline.process.pid)
+    baseline.stop()
 
-    def by_image(http):
-        return http.post("/v1/search/image", files={"image": image}, params={"k": 10})
+    server = Server(index)
+    from imgembed.index import store
 
-    results = [
-        run_kind(args.url, "vector", args.requests, args.clients, args.seconds, by_vector),
-        run_kind(args.url, "image", args.requests, args.clients, args.seconds, by_image),
+    loaded = store.load(index, mmap=True)
+    count, dim, kind = loaded.count, int(loaded.manifest["embedding_dimension"]), loaded.manifest["index"]["factory"]
+    ids_file = os.path.join(work, "ids.txt")
+    with open(ids_file, "w") as file:
+        file.write("\n".join(sample_ids(index)) + "\n")
+    bodies_file = os.path.join(work, "bodies.txt")
+    rng = np.random.default_rng(1)
+    with open(bodies_file, "w") as file:
+        for _ in range(200):
+            vector = rng.normal(size=dim).astype(np.float32)
+            file.write(json.dumps({"vectors": [[round(float(v), 6) for v in vector]], "k": 10}) + "\n")
+    results = {
+        "by id": wrk(server.url, BY_ID % {"ids": ids_file}, work, "by_id", args.seconds),
+        "by vector": wrk(
+            server.url,
+            BY_BODY % {"bodies": bodies_file, "content_type": "application/json", "path": "/v1/search"},
+            work,
+            "by_vector",
+            args.seconds,
+        ),
+    }
+    model_rate = None
+    if loaded.manifest.get("preprocessing"):
+        image = args.image or default_image(work)
+        body = os.path.join(work, "image-body.bin")
+        with open(body, "wb") as file:
+            file.write(multipart(image))
+        results["by image"] = wrk(
+            server.url, BY_FILE % {"body": body, "path": "/v1/search/image?k=10"}, work, "by_image", args.seconds
+        )
+        model_rate = model_images_per_sec(index, image)
+    pss = pss_bytes(server.process.pid)
+    server.stop()
+    index_ram = index_ram_bytes(index)
+    beyond = (pss - index_ram - baseline_pss) / count
+    summary = {
+        "index": kind,
+        "count": count,
+        "dimension": dim,
+        "workers": WORKERS,
+        "start_seconds": round(server.start_seconds, 2),
+        "pss_bytes": pss,
+        "baseline_pss_bytes": baseline_pss,
+        "index_ram_bytes": index_ram,
+        "bytes_per_item_beyond_index": round(beyond, 1),
+        "model_images_per_sec": model_rate,
+        "results": results,
+    }
+    print(json.dumps(summary, indent=2))
+    write_markdown(args.output, summary, " ".join(sys.argv[1:]))
+    failed = sum(result["errors"] for result in results.values())
+    return 1 if failed else 0
+
+
+def default_image(work: str) -> str:
+    """A 320x240 photo-like JPEG, as a phone would send one resized."""
+    from fixtures.images import photo_like
+
+    path = os.path.join(work, "query.jpg")
+    photo_like(3, 320, 240).save(path, "JPEG", quality=90)
+    return path
+
+
+def write_markdown(path: str, summary: dict, command: str) -> None:
+    lines = [
+        "# Service load test",
+        "",
+        f"`imgembed serve` ({summary['workers']} worker processes) over {summary['count']:,} vectors of "
+        f"{summary['dimension']} dimensions ({summary['index']}), driven by wrk on the same machine: "
+        f"{CONNECTIONS} connections, k=10. Command: `python bench/load_test.py {command}`".rstrip(),
+        "",
+        "| query | requests/s | p50 ms | p99 ms | requests | errors |",
+        "|---|---|---|---|---|---|",
     ]
-    for result in results:
-        print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(results, file, indent=2)
-    if args.markdown:
-        lines = [
-            "# Service load test",
-            "",
-            f"{health['count']:,} images, model {health['model']}, index served by `imgembed serve` on loopback; "
-            f"{args.clients} concurrent clients, k=10.",
-            "",
-            f"Command: `python bench/load_test.py --url {args.url} --requests {args.requests} "
-            f"--clients {args.clients}`",
-            "",
-            "| query | clients | requests | errors | QPS | p50 ms | p99 ms |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| by {r['kind']} | {r['clients']} | {r['completed']} | {r['errors']} | {r['qps']} | {r['p50_ms']} | {r['p99_ms']} |"
-            for r in results
-        ]
-        with open(args.markdown, "w") as file:
-            file.write("\n".join(lines) + "\n")
-    return 1 if any(result["errors"] for result in results) else 0
+    for name, result in summary["results"].items():
+        lines.append(
+            f"| {name} | {result['requests_per_sec']:,.0f} | {result['p50_ms']:.2f} | {result['p99_ms']:.2f} | "
+            f"{result['requests']:,} | {result['errors']} |"
+        )
+    lines += [
+        "",
+        f"- start-up (process start to the first answer of /health): {summary['start_seconds']} s",
+        f"- memory beyond the index: {summary['bytes_per_item_beyond_index']} bytes per item "
+        f"(PSS {summary['pss_bytes'] / 2**20:.0f} MiB after the load, less the index's "
+        f"{summary['index_ram_bytes'] / 2**20:.0f} MiB and the {summary['baseline_pss_bytes'] / 2**20:.0f} MiB "
+        "of the same service over 1000 items)",
+    ]
+    if summary["model_images_per_sec"]:
+        ratio = summary["results"]["by image"]["requests_per_sec"] / summary["model_images_per_sec"]
+        lines.append(
+            f"- by image: {ratio:.2f} of the model's own {summary['model_images_per_sec']:.0f} images/s "
+            "(the model alone, one thread per core on every core)"
+        )
+    lines.append("")
+    with open(path, "w") as file:
+        file.write("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from imgembed.transforms.decode import DecodeLimits, decode_image  # noqa: E402
 from imgembed.transforms.resize import Preprocessing  # noqa: E402
 
 CORES = os.cpu_count() or 1
+FILES_PER_SHARD = 500  # imgembed embed's default --files-per-shard
 BIN = os.path.dirname(sys.executable)
 MODEL_BATCH = 64
 # Each speed is the best of a few tries: a shared machine only ever slows a try down.
@@ -267,10 +268,14 @@ def imgembed_command(reference: str, *flags: str):
 
 def steady_corpus(paths: list[str], ceiling: float) -> tuple[list[str], list[str]]:
     """The small and large runs of steady_rate: the corpus, cycled if it is too short
-    to run for STEADY_SECONDS at the ceiling, and its first quarter."""
-    count = max(len(paths), round(ceiling * STEADY_SECONDS))
-    large = [paths[number % len(paths)] for number in range(count)]
-    return large[: count // 4], large
+    to run for STEADY_SECONDS at the ceiling, and about its first quarter. Both hold a
+    whole number of shards per worker process (a shard is one worker's unit of work),
+    so that neither run ends with one worker idle while the other finishes a shard:
+    that idle time would not cancel out between the two runs."""
+    round_of_shards = FILES_PER_SHARD * CORES
+    rounds = max(4, round(max(len(paths), ceiling * STEADY_SECONDS) / round_of_shards))
+    large = [paths[number % len(paths)] for number in range(rounds * round_of_shards)]
+    return large[: (rounds // 4) * round_of_shards], large
 
 
 def batch_sweep(result: dict, paths: list[str], work: str, sizes: list[int]) -> list[dict]:

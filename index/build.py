@@ -18,12 +18,12 @@ from collections.abc import Callable
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from imgembed import __version__
 from imgembed.common import progress, storage
-from imgembed.index import store
+from imgembed.index import items, store
 from imgembed.index.choose import IndexPlan, choose_index, nlist_for
 from imgembed.index.duplicates import write_duplicates
 from imgembed.index.evaluate import QuerySet, exact_neighbours, latency, recall, recall_report, tune
@@ -207,7 +207,7 @@ def build(
     }
     clock.begin("write", source.count)
     faiss.write_index(fitted.index, store.path(local, store.INDEX_FILE))
-    store.write_ids([source], local)
+    filter_fields = items.write_items([source], local)
     clock.end()
     manifest = {
         "format_version": store.FORMAT_VERSION,
@@ -224,7 +224,7 @@ def build(
         "search_params": fitted.search_params,
         "recall_at_build": report["recall"],
         "parts": [_part(source)],
-    }
+    } | filter_fields
     store.write_json(local, store.MANIFEST_FILE, manifest)
     report["duplicates"] = _duplicates(
         local, fitted.index, [source.reporting(clock.begin("duplicates", source.count))], config
@@ -317,7 +317,7 @@ def add_to_index(
     if new.count == 0:
         report["note"] = "every embedding file given is already in the index"
         return report
-    _check_compatible(manifest, new, loaded.ids)
+    _check_compatible(manifest, new, loaded.items.table.column("id"))
 
     before = _imbalance(loaded.index)
     add(loaded.index, new, metric)
@@ -348,7 +348,7 @@ def add_to_index(
             store.path(loaded.directory, store.TRANSFORM_DIR), store.path(local, store.TRANSFORM_DIR)
         )
     faiss.write_index(loaded.index, store.path(local, store.INDEX_FILE))
-    store.write_ids(loaded.sources() + [new], local)
+    manifest |= items.write_items(loaded.sources() + [new], local)
     manifest["parts"].append(_part(new))
     manifest["count"] = int(loaded.index.ntotal)
     store.write_json(local, store.MANIFEST_FILE, manifest)
@@ -375,7 +375,7 @@ def _check_compatible(manifest: dict, new: EmbeddingSource, indexed_ids) -> None
             f"the index ({manifest['model']['name']}, {manifest['dimension']}-d)"
         )
     for _, batch in new.record_batches(["id", "uri"]):
-        seen = pc.is_in(batch.column("id"), value_set=indexed_ids.column("id"))
+        seen = pc.is_in(batch.column("id"), value_set=indexed_ids)
         if pc.any(seen).as_py():
             first = batch.column("uri")[pc.index(seen, True).as_py()].as_py()
             raise IndexInputError(
@@ -393,8 +393,10 @@ def _imbalance(index: faiss.Index) -> float | None:
 def _duplicates(
     version_dir: str, index: faiss.Index, sources: list[EmbeddingSource], config: IndexConfig
 ) -> dict:
-    ids = pq.read_table(store.path(version_dir, store.IDS_FILE))
+    table = pa.ipc.open_file(pa.memory_map(store.path(version_dir, items.ITEMS_FILE))).read_all()
     threshold = config.dedup_threshold if config.metric is Metric.COSINE else None
-    return write_duplicates(
-        index, sources, ids, config.metric, threshold, store.path(version_dir, store.DUPLICATES_FILE)
+    summary, cluster_of = write_duplicates(
+        index, sources, table, config.metric, threshold, store.path(version_dir, store.DUPLICATES_FILE)
     )
+    items.write_clusters(version_dir, cluster_of)
+    return summary

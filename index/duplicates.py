@@ -32,9 +32,10 @@ SCHEMA = pa.schema(
 )
 
 
-def exact_duplicate_links(ids: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+def exact_duplicate_links(hashes: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Links every row to the first row with the same file hash."""
-    groups = ids.group_by("sha256").aggregate([("faiss_id", "list")]).column("faiss_id_list").to_pylist()
+    table = pa.table({"sha256": hashes, "faiss_id": pa.array(np.arange(len(hashes), dtype=np.int64))})
+    groups = table.group_by("sha256").aggregate([("faiss_id", "list")]).column("faiss_id_list").to_pylist()
     pairs = [(members[0], other) for members in groups if len(members) > 1 for other in members[1:]]
     pairs_array = np.array(pairs, dtype=np.int64).reshape(-1, 2)
     return pairs_array[:, 0], pairs_array[:, 1]
@@ -57,13 +58,15 @@ def near_duplicate_links(
 def write_duplicates(
     index: faiss.Index,
     sources: list[EmbeddingSource],
-    ids: pa.Table,
+    items: pa.Table,
     metric: Metric,
     threshold: float | None,
     path: str,
-) -> dict:
-    count = ids.num_rows
-    exact_left, exact_right = exact_duplicate_links(ids)
+) -> tuple[dict, np.ndarray]:
+    """Writes the clusters of two or more to ``path``; returns the summary and every
+    row's cluster (its smallest FAISS id; its own id when it is in none)."""
+    count = items.num_rows
+    exact_left, exact_right = exact_duplicate_links(items.column("sha256"))
     left, right = [exact_left], [exact_right]
     if threshold is not None:
         near_left, near_right = near_duplicate_links(index, sources, metric, threshold)
@@ -82,7 +85,7 @@ def write_duplicates(
     table = pa.table(
         {
             "faiss_id": clustered,
-            "id": ids.column("id").take(clustered),
+            "id": items.column("id").take(clustered),
             "cluster_id": first_member[component[clustered]],
             "cluster_size": sizes[component[clustered]].astype(np.int32),
             "exact_duplicate": exact[clustered],
@@ -90,9 +93,10 @@ def write_duplicates(
         schema=SCHEMA,
     )
     pq.write_table(table, path)
-    return {
+    summary = {
         "near_duplicate_threshold": threshold,
         "clusters": int(np.sum(sizes > 1)),
         "rows_in_clusters": len(clustered),
         "exact_duplicate_rows": int(exact.sum()),
     }
+    return summary, first_member[component]

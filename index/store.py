@@ -2,7 +2,8 @@
 
     INDEX_DIR/CURRENT                       the name of the live version (replaced atomically)
     INDEX_DIR/<version>/index.faiss         the FAISS index (search parameters applied at load)
-    INDEX_DIR/<version>/ids.parquet         faiss_id -> id, uri, sha256, size (never a pickle)
+    INDEX_DIR/<version>/items.arrow, *.npy  each item's id, uri, metadata, cluster, id lookup
+                                            (memory-mapped, index/items.py; never a pickle)
     INDEX_DIR/<version>/manifest.json       model, preprocessing, dimension, metric, transform,
                                             count, search parameters, the embeddings it holds
     INDEX_DIR/<version>/report.json         why this index, recall, bytes, build time, latency
@@ -27,18 +28,16 @@ import tempfile
 import uuid
 
 import faiss
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from imgembed.common import storage
 from imgembed.common.local_copies import local_path
 from imgembed.index.faiss_index import set_search_params
+from imgembed.index.items import Items
 from imgembed.index.reader import EmbeddingSource
 from imgembed.index.vectors import IndexInputError, Metric
 
 CURRENT_FILE = "CURRENT"
 INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
 DUPLICATES_FILE = "duplicates.parquet"
@@ -47,18 +46,6 @@ FORMAT_VERSION = 2
 VERSION_PREFIX = "v"
 # The live version and the one before it (a reader may still be on it).
 KEPT_VERSIONS = 2
-
-ID_COLUMNS = ("id", "uri", "sha256", "width", "height")
-IDS_SCHEMA = pa.schema(
-    [
-        ("faiss_id", pa.int64()),
-        ("id", pa.string()),
-        ("uri", pa.string()),
-        ("sha256", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-    ]
-)
 
 
 def path(version_dir: str, name: str) -> str:
@@ -77,16 +64,6 @@ def read_json(version_dir: str, name: str) -> dict:
             return json.load(file)
     except FileNotFoundError:
         raise IndexInputError(f"{version_dir} is not an index version: no {name}") from None
-
-
-def write_ids(sources: list[EmbeddingSource], version_dir: str) -> None:
-    """The id map of every source in FAISS id order, streamed column by column."""
-    with pq.ParquetWriter(path(version_dir, IDS_FILE), IDS_SCHEMA) as writer:
-        for source in sources:
-            for first_id, batch in source.record_batches(ID_COLUMNS):
-                faiss_ids = pa.array(range(first_id, first_id + batch.num_rows), pa.int64())
-                columns = [faiss_ids] + [batch.column(name) for name in ID_COLUMNS]
-                writer.write_batch(pa.record_batch(columns, schema=IDS_SCHEMA))
 
 
 # --- versions -------------------------------------------------------------------
@@ -160,7 +137,7 @@ class LoadedIndex:
     directory: str  # the version's files, on this machine
     index: faiss.Index
     manifest: dict
-    ids: pa.Table
+    items: Items
 
     @property
     def metric(self) -> Metric:
@@ -204,7 +181,7 @@ def load(index_dir: str, mmap: bool = False) -> LoadedIndex:
     flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mapped else 0
     index = faiss.read_index(path(directory, INDEX_FILE), flags)
     set_search_params(index, manifest["search_params"])
-    ids = pq.read_table(path(directory, IDS_FILE))
-    if ids.num_rows != index.ntotal:
-        raise IndexInputError(f"{index_dir}: {ids.num_rows} ids for {index.ntotal} vectors")
-    return LoadedIndex(index_dir, os.path.basename(directory.rstrip("/")), directory, index, manifest, ids)
+    items = Items(directory)
+    if len(items) != index.ntotal:
+        raise IndexInputError(f"{index_dir}: {len(items)} items for {index.ntotal} vectors")
+    return LoadedIndex(index_dir, os.path.basename(directory.rstrip("/")), directory, index, manifest, items)

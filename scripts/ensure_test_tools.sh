@@ -2,6 +2,8 @@
 # Installs the real components the tests start, each in a virtualenv of its own
 # (they pin versions of numpy, pyarrow or protobuf that imgembed does not use):
 #   gcp-storage-emulator  a GCS-protocol server for the object-storage tests
+#   img2dataset           writes real WebDataset shards for the metadata tests
+#   schemathesis          fuzzes the service against its OpenAPI document
 # Sourced by run_tests.sh after ensure_venv.sh; installs only what is missing.
 set -euo pipefail
 
@@ -19,4 +21,6 @@ ensure_tool() {  # name, pip requirement
 }
 
 ensure_tool gcs "gcp-storage-emulator==2026.7.19"
+ensure_tool img2dataset "img2dataset==1.47.0"
+ensure_tool schemathesis "schemathesis==4.32.5"
 export IMGEMBED_TOOLS="$tools_root"

@@ -1,38 +1,109 @@
-"""The HTTP service: FastAPI routes over a Searcher, Prometheus metrics, the web page.
+"""The HTTP service: routes over the live index, Prometheus metrics, the web page.
 
-Every failure a client can cause is a 4xx with a JSON body
-``{"error": {"code": ..., "message": ...}}``; request bodies are refused past
-``Limits.max_upload_bytes`` before they are parsed. OpenAPI docs are at /docs.
+The OpenAPI document (/openapi.json, browsable at /docs) is the contract, and it is
+exact: it declares every limit (k, the vector length and batch size of this index,
+the upload size, the filter fields) and every error answer. Every failure a client
+can cause is a 4xx with the body ``{"error": {"code": ..., "message": ...}}``; a 405
+names the allowed methods in ``Allow``. Request bodies are refused past their limit
+before they are parsed. Middleware is plain ASGI (no per-request task or copy), and
+responses are serialised with orjson.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import re
 import time
+from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Query, Request, UploadFile
+import numpy as np
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, ORJSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException
 
-from imgembed.service.searcher import QueryError, Searcher
+from imgembed.service.searcher import LiveIndex, QueryError
 
 # JSON bodies carry at most max_batch vectors of ~1024 numbers: 64 x 1024 x ~20 bytes.
 MAX_JSON_BYTES = 2 * 2**20
+# Multipart framing around an uploaded image.
+MULTIPART_OVERHEAD = 64 * 1024
+IMAGE_ROUTE = "/v1/search/image"
+ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+ERROR_CODES |= {415: "unsupported_media_type", 422: "bad_request", 503: "unavailable"}
 
 
-class VectorQuery(BaseModel):
-    """One vector or several, in the space of the corpus embeddings (before any transform)."""
-
-    vectors: list[list[float]] = Field(..., description="Query vectors, each of the index dimension.")
-    k: int = Field(10, description="Neighbours per vector.")
-    collapse_duplicates: bool = Field(False, description="One result per near-duplicate cluster.")
+class ErrorDetail(BaseModel):
+    code: str = Field(description="A short code a program can branch on.")
+    message: str = Field(description="What went wrong, for people.")
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> ORJSONResponse:
+    return ORJSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def errors(*statuses: int) -> dict:
+    descriptions = {
+        400: "The request is well formed but cannot be answered (see error.code).",
+        404: "No such image id, or no such route.",
+        405: "The method is not allowed here; the Allow header names those that are.",
+        413: "The body is over its limit.",
+        415: "The body is not of the media type this route takes.",
+        422: "The request does not match this document (a missing or malformed field, a value out of range).",
+        503: "Image search is off: the index's model cannot be loaded.",
+    }
+    return {status: {"model": ErrorBody, "description": descriptions[status]} for status in statuses}
+
+
+class Hit(BaseModel):
+    id: str
+    uri: str
+    score: float = Field(
+        description="Cosine similarity (higher is closer) or squared L2 distance (lower is)."
+    )
+    faiss_id: int
+    cluster_id: int = Field(description="The near-duplicate cluster: the smallest FAISS id in it.")
+    metadata: dict[str, Any] = Field(description="What the image's shard said about it (url, caption...).")
+
+
+class Item(BaseModel):
+    id: str
+    uri: str
+    sha256: str
+    width: int
+    height: int
+    source: str = Field(description="The container the image came from, or its file's folder.")
+    metadata: dict[str, Any]
+    faiss_id: int
+    cluster_id: int
+    cluster_size: int
+
+
+class Results(BaseModel):
+    metric: str
+    results: list[Hit]
+
+
+class BatchResults(BaseModel):
+    metric: str
+    results: list[list[Hit]] = Field(description="One list of hits per query vector, in order.")
+
+
+class Health(BaseModel):
+    status: str
+    count: int
+    model: str | None
+    metric: str
+    dimension: int
+    image_search: bool
+    version: str
+    filter_fields: list[str] = Field(description="The fields searches can filter on (field=value).")
 
 
 class BodySizeLimit:
@@ -78,46 +149,80 @@ class BodySizeLimit:
         return await self.app(scope, replay, send)
 
 
-def create_app(searcher: Searcher) -> FastAPI:
+class RequestMetrics:
+    """ASGI middleware: requests by route and status, and their latency."""
+
+    def __init__(self, app, requests: Counter, latency: Histogram):
+        self.app = app
+        self.requests = requests
+        self.latency = latency
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def counting_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            route = scope.get("route")
+            name = route.path if route is not None else "unmatched"
+            self.requests.labels(name, scope["method"], str(status)).inc()
+            self.latency.labels(name).observe(time.perf_counter() - started)
+
+
+def _filters(pairs: list[str] | None, fields: list[str]) -> dict[str, str]:
+    """``field=value`` query parameters -> a filter."""
+    filters = {}
+    for pair in pairs or []:
+        field, equals, value = pair.partition("=")
+        if not equals:
+            raise QueryError(400, "bad_filter", f"a filter is field=value, got {pair!r}")
+        filters[field] = value
+    return filters
+
+
+def create_app(live: LiveIndex) -> FastAPI:
+    searcher = live.current
+    limits = searcher.limits
+    fields = searcher.filter_fields
     app = FastAPI(
         title="imgembed",
         description="Nearest-neighbour search over an imgembed index: by id, by vector, by image.",
         version="1",
+        default_response_class=ORJSONResponse,
     )
-    limits = searcher.limits
     registry = CollectorRegistry()
     requests = Counter(
         "imgembed_http_requests", "HTTP requests", ["route", "method", "status"], registry=registry
     )
     latency = Histogram("imgembed_http_request_seconds", "Request latency", ["route"], registry=registry)
-    errors = Counter("imgembed_http_errors", "Error responses by code", ["code"], registry=registry)
+    error_count = Counter("imgembed_http_errors", "Error responses by code", ["code"], registry=registry)
     page = importlib.resources.files("imgembed.service").joinpath("page.html").read_text(encoding="utf-8")
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = route.path if route is not None else "unmatched"
-        requests.labels(name, request.method, str(response.status_code)).inc()
-        latency.labels(name).observe(time.perf_counter() - started)
-        return response
 
     app.add_middleware(
         BodySizeLimit,
         limit_for=lambda path: (
-            limits.max_upload_bytes + 64 * 1024 if path.endswith("/image") else MAX_JSON_BYTES
+            limits.max_upload_bytes + MULTIPART_OVERHEAD if path == IMAGE_ROUTE else MAX_JSON_BYTES
         ),
     )
+    app.add_middleware(RequestMetrics, requests=requests, latency=latency)
 
     @app.exception_handler(QueryError)
     async def query_error(request: Request, error: QueryError):
-        errors.labels(error.code).inc()
+        error_count.labels(error.code).inc()
         return error_response(error.status, error.code, error.message)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
-        errors.labels("bad_request").inc()
+        error_count.labels("bad_request").inc()
         problems = "; ".join(
             f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
             for problem in error.errors()
@@ -126,63 +231,134 @@ def create_app(searcher: Searcher) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
-        errors.labels(code).inc()
-        return error_response(error.status_code, code, str(error.detail))
+        code = ERROR_CODES.get(error.status_code, "bad_request")
+        error_count.labels(code).inc()
+        return error_response(
+            error.status_code, code, str(error.detail), headers=getattr(error, "headers", None)
+        )
+
+    # --- the contract's types, from this index's limits --------------------------
+
+    K = Annotated[int, Query(ge=1, le=limits.max_k, description="Neighbours per query.")]
+    Collapse = Annotated[bool, Query(description="One result per near-duplicate cluster.")]
+    Filter = Annotated[
+        list[Annotated[str, Field(pattern=rf"^({'|'.join(re.escape(field) for field in fields)})=")]] | None,
+        Query(description=f"field=value, repeatable (all must hold); fields: {', '.join(fields)}."),
+    ]
+    ImageId = Annotated[
+        str, Field(pattern="^[0-9a-f]{32}$", description="An image id (from results or the embeddings).")
+    ]
+    Vector = Annotated[list[float], Field(min_length=searcher.dimension, max_length=searcher.dimension)]
+    FilterValue = str | int | float | bool
+    FilterBody = create_model(
+        "Filter",
+        __config__=ConfigDict(extra="forbid"),
+        **{field: (FilterValue | None, Field(None)) for field in fields},
+    )
+
+    class VectorQuery(BaseModel):
+        """One vector or several, in the space of the corpus embeddings (before any transform)."""
+
+        model_config = ConfigDict(extra="forbid")
+        vectors: list[Vector] = Field(
+            min_length=1,
+            max_length=limits.max_batch,
+            description=f"Query vectors of {searcher.dimension} numbers.",
+        )
+        k: int = Field(10, ge=1, le=limits.max_k, description="Neighbours per vector.")
+        collapse_duplicates: bool = Field(False, description="One result per near-duplicate cluster.")
+        filter: FilterBody | None = Field(None, description="Equality on metadata fields; all must hold.")  # type: ignore[valid-type]
+
+    def media_type(wanted: str):
+        """A dependency: answers 415 before the body is parsed when it is not ``wanted``."""
+
+        def check(request: Request) -> None:
+            media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media != wanted:
+                raise QueryError(
+                    415, "unsupported_media_type", f"send {wanted}, not {media or 'no content type'}"
+                )
+
+        return [Depends(check)]
+
+    # --- routes ----------------------------------------------------------------
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def home():
+    async def home():
         return page
 
-    @app.get("/health")
-    def health():
+    @app.get("/health", response_model=Health)
+    async def health():
+        current = live.current
         return {
             "status": "ok",
-            "count": searcher.count,
-            "model": searcher.loaded.manifest["model"]["name"],
-            "metric": searcher.metric.value,
-            "dimension": searcher.dimension,
-            "image_search": searcher.model is not None,
+            "count": current.count,
+            "model": current.model_name,
+            "metric": current.metric.value,
+            "dimension": current.dimension,
+            "image_search": current.images is not None and current.images.model is not None,
+            "version": current.version,
+            "filter_fields": current.filter_fields,
         }
 
-    @app.get("/v1/items/{image_id}")
-    def item(image_id: str):
-        return searcher.item(image_id)
+    @app.get("/v1/items/{image_id}", response_model=Item, responses=errors(404, 422))
+    async def item(image_id: ImageId):
+        return live.current.item(image_id)
 
-    @app.get("/v1/items/{image_id}/thumbnail", responses={200: {"content": {"image/jpeg": {}}}})
-    def thumbnail(image_id: str):
-        data = searcher.thumbnail(image_id)
+    @app.get(
+        "/v1/items/{image_id}/thumbnail",
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG thumbnail."}}
+        | errors(404, 422),
+    )
+    def thumbnail(image_id: ImageId):  # reads Parquet: in the thread pool
+        data = live.current.thumbnail(image_id)
         if data is None:
             raise QueryError(404, "no_thumbnail", "embed with --thumbnail-size to store thumbnails")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
 
-    @app.get("/v1/neighbors/{image_id}")
-    def neighbours(image_id: str, k: int = Query(10), collapse_duplicates: bool = Query(False)):
-        return {
-            "query": {"id": image_id},
-            "metric": searcher.metric.value,
-            "results": searcher.neighbours(image_id, k, collapse_duplicates),
-        }
-
-    @app.post("/v1/search")
-    def search(query: VectorQuery):
-        results = searcher.search_vectors(query.vectors, query.k, query.collapse_duplicates)
-        return {"metric": searcher.metric.value, "results": results}
-
-    @app.post("/v1/search/image")
-    def search_image(
-        image: UploadFile = File(..., description="An image file (JPEG, PNG, WebP, ...)."),
-        k: int = Query(10),
-        collapse_duplicates: bool = Query(False),
+    @app.get("/v1/neighbors/{image_id}", response_model=Results, responses=errors(400, 404, 422))
+    async def neighbours(
+        image_id: ImageId, k: K = 10, collapse_duplicates: Collapse = False, filter: Filter = None
     ):
+        current = live.current
+        hits = current.neighbours(image_id, k, collapse_duplicates, _filters(filter, fields))
+        return {"metric": current.metric.value, "results": hits}
+
+    @app.post(
+        "/v1/search",
+        response_model=BatchResults,
+        responses=errors(400, 413, 415, 422),
+        dependencies=media_type("application/json"),
+    )
+    async def search(query: VectorQuery):
+        current = live.current
+        filters = query.filter.model_dump(exclude_none=True) if query.filter else {}
+        vectors = np.asarray(query.vectors, dtype=np.float32)
+        results = current.search_vectors(vectors, query.k, query.collapse_duplicates, filters)
+        return {"metric": current.metric.value, "results": results}
+
+    @app.post(
+        IMAGE_ROUTE,
+        response_model=Results,
+        responses=errors(400, 413, 415, 422, 503),
+        dependencies=media_type("multipart/form-data"),
+    )
+    def search_image(  # decoding and the model: in the thread pool
+        image: UploadFile = File(
+            ..., description=f"An image file (JPEG, PNG, WebP...) of at most {limits.max_upload_bytes} bytes."
+        ),
+        k: K = 10,
+        collapse_duplicates: Collapse = False,
+        filter: Filter = None,
+    ):
+        current = live.current
         data = image.file.read(limits.max_upload_bytes + 1)
-        return {
-            "metric": searcher.metric.value,
-            "results": searcher.search_image(data, k, collapse_duplicates),
-        }
+        hits = current.search_image(data, k, collapse_duplicates, _filters(filter, fields))
+        return {"metric": current.metric.value, "results": hits}
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics():
+    async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -1,26 +1,49 @@
 """``imgembed serve``: the search service and its web page over an index folder.
 
-imgembed serve --index out/index            # http://127.0.0.1:8000/ (docs at /docs)
+    imgembed serve --index out/index            # http://127.0.0.1:8000/ (docs at /docs)
+
+Several worker processes (``--workers``, default one per core) share the index's
+memory-mapped files; each follows the index's live version (a new build or
+``imgembed index --add`` is served within --reload-seconds, without a failed
+request). HTTP is uvicorn's with httptools and uvloop.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
 
 from imgembed.common.units import parse_size
 from imgembed.index.vectors import IndexInputError
 from imgembed.service.searcher import Limits
 
+# How a worker process learns what to serve: uvicorn starts workers from an import
+# string, so the settings travel in the environment.
+SETTINGS_VARIABLE = "IMGEMBED_SERVE_SETTINGS"
+
 
 def parser() -> argparse.ArgumentParser:
     defaults = Limits()
     p = argparse.ArgumentParser(prog="imgembed serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--index", required=True, help="Index folder written by `imgembed index`.")
+    p.add_argument(
+        "--index", required=True, help="Index folder written by `imgembed index` (local or gs://)."
+    )
     p.add_argument(
         "--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only)."
     )
     p.add_argument("--port", type=int, default=8000, help="Port (default 8000).")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="Worker processes (default: one per core)."
+    )
+    p.add_argument(
+        "--reload-seconds",
+        type=float,
+        default=2.0,
+        help="How often each worker checks for a new live version of the index (default 2).",
+    )
     p.add_argument(
         "--max-k",
         type=int,
@@ -43,25 +66,63 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+def app_from_environment():
+    """The app of one worker process (uvicorn's factory)."""
     import faiss
-    import uvicorn
 
     from imgembed.service.app import create_app
-    from imgembed.service.searcher import Searcher
+    from imgembed.service.searcher import LiveIndex
 
-    # Requests already run in parallel threads; faiss's own threads on top of
-    # them would oversubscribe the cores and raise tail latency.
+    settings = json.loads(os.environ[SETTINGS_VARIABLE])
+    # Requests run side by side in the workers already; faiss's own threads on top
+    # of them would oversubscribe the cores and raise tail latency.
     faiss.omp_set_num_threads(1)
+    limits = Limits(**settings["limits"])
+    live = LiveIndex(settings["index"], limits, image_threads=settings["image_threads"])
+    live.watch(settings["reload_seconds"])
+    return create_app(live)
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    import uvicorn
+
+    from imgembed.service.searcher import LiveIndex
+
     try:
         limits = Limits(args.max_k, args.max_batch, parse_size(args.max_upload_bytes), args.max_image_pixels)
-        searcher = Searcher(args.index, limits)
+        if args.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        # Opened once here first: a bad index stops the command with one line, not every worker.
+        checked = LiveIndex(args.index, limits, load_image_model=False)
     except (IndexInputError, ValueError) as error:
         print(f"imgembed serve: {error}", file=sys.stderr)
         return 2
-    print(
-        f"Serving {searcher.count:,} images from {args.index} on http://{args.host}:{args.port}/", flush=True
+    # Image queries take one core each at a time, shared out between the workers.
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    os.environ[SETTINGS_VARIABLE] = json.dumps(
+        {
+            "index": args.index,
+            "limits": dataclasses.asdict(limits),
+            "image_threads": threads,
+            "reload_seconds": args.reload_seconds,
+        }
     )
-    uvicorn.run(create_app(searcher), host=args.host, port=args.port, log_level="warning")
+    print(
+        f"Serving {checked.current.count:,} images from {args.index} on http://{args.host}:{args.port}/ "
+        f"({args.workers} worker{'s' if args.workers > 1 else ''})",
+        flush=True,
+    )
+    del checked
+    uvicorn.run(
+        "imgembed.service.command:app_from_environment",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        http="httptools",
+        loop="uvloop",
+        log_level="warning",
+        access_log=False,
+    )
     return 0

@@ -27,6 +27,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--collapse-duplicates", action="store_true", help="One result per near-duplicate cluster."
     )
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        help="field=value: only items whose metadata field (or `source`) has this value; repeatable.",
+    )
     p.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     return p
 
@@ -45,15 +51,20 @@ def read_vector(text: str):
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
-        searcher = Searcher(args.index, Limits(max_k=max(args.k, 1)), load_image_model=args.image is not None)
+        searcher = Searcher.open(
+            args.index, Limits(max_k=max(args.k, 1)), load_image_model=args.image is not None
+        )
+        filters = dict(pair.split("=", 1) if "=" in pair else (pair, "") for pair in args.filter)
         if args.id:
-            hits = searcher.neighbours(args.id, args.k, args.collapse_duplicates)
+            hits = searcher.neighbours(args.id, args.k, args.collapse_duplicates, filters)
         elif args.image:
             hits = searcher.search_image(
-                pathlib.Path(args.image).read_bytes(), args.k, args.collapse_duplicates
+                pathlib.Path(args.image).read_bytes(), args.k, args.collapse_duplicates, filters
             )
         else:
-            hits = searcher.search_vectors(read_vector(args.vector), args.k, args.collapse_duplicates)[0]
+            hits = searcher.search_vectors(
+                read_vector(args.vector), args.k, args.collapse_duplicates, filters
+            )[0]
     except QueryError as error:
         print(f"imgembed query: {error.code}: {error.message}", file=sys.stderr)
         return 2

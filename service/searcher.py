@@ -1,11 +1,14 @@
-"""Nearest-neighbour lookups over an index folder: by id, by vector, by image.
+"""Nearest-neighbour lookups over an index folder: by id, by vector, by image, with
+equality filters; the live version followed as the index is rebuilt or grows.
 
 Query images go through exactly what the corpus went through: the decoder and
 limits of ``transforms/decode.py``, the preprocessing and the model named in the
-index manifest, and ``index.vectors.prepare`` with the index metric. The HTTP
-service and ``imgembed query`` both call this class.
+index manifest, and ``index.vectors.prepare`` with the index metric. Per-item state
+(ids, URIs, metadata, clusters, the id lookup) is memory-mapped (index/items.py);
+an indexed image's vector comes from the index itself (``reconstruct``). The HTTP
+service and ``imgembed query`` both call this module.
 
->>> searcher = Searcher("out/index")
+>>> searcher = Searcher.open("out/index")
 >>> searcher.search_image(open("cat.jpg", "rb").read(), k=5)[0]["uri"]
 """
 
@@ -16,12 +19,14 @@ import logging
 import os
 import threading
 
+import faiss
 import numpy as np
-import pyarrow.parquet as pq
 
 from imgembed.index import store
-from imgembed.index.reader import RowReader
-from imgembed.index.vectors import IndexInputError, prepare
+from imgembed.index.faiss_index import is_ivf
+from imgembed.index.items import SOURCE_FIELD
+from imgembed.index.reader import EmbeddingFile, RowReader
+from imgembed.index.vectors import IndexInputError, Metric, prepare
 from imgembed.models.errors import ModelLoadError
 from imgembed.models.loading import load_model
 from imgembed.models.registry import ModelSpec
@@ -29,6 +34,12 @@ from imgembed.transforms.decode import DecodeLimits, ImageError, decode_image
 from imgembed.transforms.resize import Preprocessing
 
 _log = logging.getLogger(__name__)
+
+# A filter matching at most this many items is answered by exact search over them
+# (their vectors from the index), so it returns k results whenever k items match.
+EXACT_FILTER_MAX = 2048
+HIT_COLUMNS = ("id", "uri", "metadata")
+ITEM_COLUMNS = ("id", "uri", "sha256", "width", "height", SOURCE_FIELD, "metadata")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +50,13 @@ class Limits:
     max_batch: int = 64
     max_upload_bytes: int = 10 * 2**20
     max_image_pixels: int = 40_000_000
+    max_filters: int = 8
 
     def __post_init__(self):
-        if min(self.max_k, self.max_batch, self.max_upload_bytes, self.max_image_pixels) < 1:
+        if (
+            min(self.max_k, self.max_batch, self.max_upload_bytes, self.max_image_pixels, self.max_filters)
+            < 1
+        ):
             raise ValueError(f"service limits must be positive, got {self}")
 
 
@@ -55,102 +70,36 @@ class QueryError(Exception):
         self.message = message
 
 
-class Searcher:
-    def __init__(self, index_dir: str, limits: Limits = Limits(), load_image_model: bool = True):
-        self.limits = limits
-        try:
-            self.loaded = store.load(index_dir, mmap=True)
-        except (IndexInputError, RuntimeError, OSError) as error:
-            raise IndexInputError(f"cannot open index {index_dir}: {error}") from error
-        manifest = self.loaded.manifest
-        self.metric = self.loaded.metric
-        # Queries are raw embeddings, as the embed job wrote them; the index may
-        # hold them through a tf.Transform graph (centring, PCA), applied here too.
-        self.dimension = int(manifest.get("embedding_dimension", manifest["dimension"]))
-        self.transform = self.loaded.transform()
-        ids = self.loaded.ids
-        self._ids = ids.column("id").to_pylist()
-        self._uris = ids.column("uri").to_pylist()
-        self._faiss_id_of = {image_id: faiss_id for faiss_id, image_id in enumerate(self._ids)}
-        self._clusters = self._read_clusters(self.loaded.directory)
-        self._cluster_sizes = np.bincount(self._clusters, minlength=self.loaded.count)
-        self._rows = RowReader([file for source in self.loaded.sources() for file in source.files])
-        self.preprocessing = (
-            Preprocessing.from_metadata(manifest["preprocessing"]) if manifest["preprocessing"] else None
-        )
-        self.model = None
-        self.model_error = "this index was not built from images (no preprocessing recorded)"
-        self._cpu_gate = threading.BoundedSemaphore(os.cpu_count() or 1)
-        if load_image_model and self.preprocessing is not None:
-            self._load_model(manifest["model"])
+class ImageModel:
+    """The index's model and preprocessing, for image queries; one image per core at
+    a time (more would only share the cores, so every request would finish late)."""
 
-    def _load_model(self, model: dict) -> None:
+    def __init__(self, manifest: dict, limits: Limits, threads: int | None = None):
+        self.limits = limits
+        self.preprocessing = (
+            Preprocessing.from_metadata(manifest["preprocessing"]) if manifest.get("preprocessing") else None
+        )
+        self.spec_metadata = manifest.get("model")
+        self.model = None
+        self.error = "this index was not built from images (no preprocessing recorded)"
+        threads = threads or os.cpu_count() or 1
+        self._gate = threading.BoundedSemaphore(threads)
+        if self.preprocessing is None:
+            return
         try:
-            # Each request's image runs on every core (requests take turns, see embed_image).
-            self.model = load_model(ModelSpec.from_metadata(model), threads=os.cpu_count())
-            # The first call traces and compiles; do it now, not in the first requests.
+            self.model = load_model(ModelSpec.from_metadata(manifest["model"]), threads=threads)
+            # The first call traces and allocates; do it now, not in the first requests.
             size = self.model.spec.image_size
             self.model(np.zeros([1, size, size, 3], np.float32))
-            self.model_error = None
-        except (ModelLoadError, KeyError, ValueError) as error:
-            self.model_error = f"the index's model cannot be loaded, so image search is off: {error}"
-            _log.warning(self.model_error)
+            self.error = None
+        except (ModelLoadError, KeyError, ValueError, OSError) as error:
+            self.model = None
+            self.error = f"the index's model cannot be loaded, so image search is off: {error}"
+            _log.warning("%s", self.error)
 
-    def _read_clusters(self, version_dir: str) -> np.ndarray:
-        """cluster id of every FAISS id; rows in no cluster are their own."""
-        clusters = np.arange(self.loaded.count, dtype=np.int64)
-        try:
-            table = pq.read_table(
-                store.path(version_dir, store.DUPLICATES_FILE), columns=["faiss_id", "cluster_id"]
-            )
-        except FileNotFoundError:
-            return clusters
-        clusters[table.column("faiss_id").to_numpy()] = table.column("cluster_id").to_numpy()
-        return clusters
-
-    # --- lookups -------------------------------------------------------------
-
-    @property
-    def count(self) -> int:
-        return self.loaded.count
-
-    def item(self, image_id: str) -> dict:
-        faiss_id = self._faiss_id(image_id)
-        row = self.loaded.ids.slice(faiss_id, 1).to_pylist()[0]
-        cluster = int(self._clusters[faiss_id])
-        return row | {"cluster_id": cluster, "cluster_size": int(self._cluster_sizes[cluster])}
-
-    def thumbnail(self, image_id: str) -> bytes | None:
-        return self._rows.row(self._faiss_id(image_id), ("thumbnail",)).get("thumbnail")
-
-    def neighbours(self, image_id: str, k: int, collapse: bool = False) -> list[dict]:
-        """The k nearest other images of an indexed image."""
-        self.check_k(k)
-        faiss_id = self._faiss_id(image_id)
-        vector = np.asarray([self._rows.row(faiss_id, ("embedding",))["embedding"]], np.float32)
-        hits = self.search_vectors(vector, k + 1, collapse, validate_k=False)[0]
-        return [hit for hit in hits if hit["faiss_id"] != faiss_id][:k]
-
-    def search_vectors(
-        self, vectors, k: int, collapse: bool = False, validate_k: bool = True
-    ) -> list[list[dict]]:
-        if validate_k:
-            self.check_k(k)
-        vectors = self._check_vectors(vectors)
-        if self.transform is not None:
-            vectors = self.transform(vectors)
-        prepared = prepare(vectors, self.metric, "query vectors")
-        # Ask for more when collapsing: copies of one image would fill the page.
-        fetch = min(self.count, k * 4 if collapse else k)
-        scores, found = self.loaded.index.search(prepared, fetch)
-        return [
-            self._hits(row_scores, row_ids, k, collapse)
-            for row_scores, row_ids in zip(scores, found, strict=True)
-        ]
-
-    def embed_image(self, data: bytes) -> np.ndarray:
+    def embed(self, data: bytes) -> np.ndarray:
         if self.model is None:
-            raise QueryError(503, "image_search_unavailable", self.model_error)
+            raise QueryError(503, "image_search_unavailable", self.error)
         if len(data) > self.limits.max_upload_bytes:
             raise QueryError(
                 413, "upload_too_large", f"{len(data)} bytes is over {self.limits.max_upload_bytes}"
@@ -159,33 +108,211 @@ class Searcher:
             max_file_bytes=self.limits.max_upload_bytes, max_pixels=self.limits.max_image_pixels
         )
         size = self.model.spec.image_size
-        # One image per core at a time: more would only share the cores, so every
-        # request would finish late; queued requests wait their turn instead.
-        with self._cpu_gate:
+        with self._gate:
             try:
                 image = decode_image(data, limits, self.preprocessing.decode_side(size))
             except ImageError as error:
                 status = 413 if error.reason in ("file_too_large", "too_many_pixels") else 400
                 raise QueryError(status, error.reason, error.message) from None
             pixels = self.preprocessing.apply(image, size)
-            # The pipeline's own call: the same numbers as the corpus got.
-            return self.model.embed_pixels(pixels[None])
+            return self.model.embed_pixels(pixels[None])  # the pipeline's own call
 
-    def search_image(self, data: bytes, k: int, collapse: bool = False) -> list[dict]:
-        self.check_k(k)
-        return self.search_vectors(self.embed_image(data), k, collapse)[0]
 
-    # --- helpers -------------------------------------------------------------
+class Searcher:
+    """One version of an index, read-only; its methods are safe from many threads."""
 
-    def _faiss_id(self, image_id: str) -> int:
+    def __init__(self, loaded: store.LoadedIndex, limits: Limits, images: ImageModel | None):
+        self.loaded = loaded
+        self.limits = limits
+        self.images = images
+        manifest = loaded.manifest
+        self.metric: Metric = loaded.metric
+        self.version = loaded.version
+        # Queries are raw embeddings, as the embed job wrote them; the index may hold
+        # them through a tf.Transform graph (centring, PCA), applied here too.
+        self.dimension = int(manifest.get("embedding_dimension", manifest["dimension"]))
+        self.transform = loaded.transform()
+        self.items = loaded.items
+        self.filter_fields = self.items.filter_fields
+        self._params = dict(manifest["search_params"])
+        if is_ivf(loaded.index):
+            # id -> list and offset, 8 bytes a vector: what reconstruct() needs.
+            faiss.extract_index_ivf(loaded.index).make_direct_map()
+        # Thumbnails stay in the embeddings files, read a row group at a time.
+        self._rows = RowReader(
+            [EmbeddingFile(**file) for part in manifest["parts"] for file in part["files"]]
+        )
+
+    @classmethod
+    def open(
+        cls,
+        index_dir: str,
+        limits: Limits = Limits(),
+        load_image_model: bool = True,
+        image_threads: int | None = None,
+    ) -> Searcher:
         try:
-            return self._faiss_id_of[image_id]
-        except KeyError:
-            raise QueryError(404, "unknown_id", f"no image with id {image_id!r} in this index") from None
+            loaded = store.load(index_dir, mmap=True)
+        except (IndexInputError, RuntimeError, OSError) as error:
+            raise IndexInputError(f"cannot open index {index_dir}: {error}") from error
+        images = ImageModel(loaded.manifest, limits, image_threads) if load_image_model else None
+        return cls(loaded, limits, images)
+
+    @property
+    def count(self) -> int:
+        return self.loaded.count
+
+    @property
+    def model_name(self) -> str | None:
+        return (self.loaded.manifest.get("model") or {}).get("name")
+
+    # --- lookups -------------------------------------------------------------
+
+    def item(self, image_id: str) -> dict:
+        row = self._row(image_id)
+        (item,) = self.items.describe([row], ITEM_COLUMNS)
+        cluster, size = self.items.cluster(row)
+        return item | {"faiss_id": row, "cluster_id": cluster, "cluster_size": size}
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        return self._rows.row(self._row(image_id), ("thumbnail",)).get("thumbnail")
+
+    def neighbours(
+        self, image_id: str, k: int, collapse: bool = False, filters: dict | None = None
+    ) -> list[dict]:
+        """The k nearest other images of an indexed image."""
+        self.check_k(k)
+        row = self._row(image_id)
+        vector = self.loaded.index.reconstruct(row)[None]  # as indexed: prepared, transformed
+        hits = self._search(vector, k + 1, collapse, self._checked_filters(filters))[0]
+        return [hit for hit in hits if hit["faiss_id"] != row][:k]
+
+    def search_vectors(
+        self, vectors, k: int, collapse: bool = False, filters: dict | None = None
+    ) -> list[list[dict]]:
+        self.check_k(k)
+        filters = self._checked_filters(filters)
+        vectors = self._check_vectors(vectors)
+        if self.transform is not None:
+            vectors = self.transform(vectors)
+        return self._search(prepare(vectors, self.metric, "query vectors"), k, collapse, filters)
+
+    def search_image(
+        self, data: bytes, k: int, collapse: bool = False, filters: dict | None = None
+    ) -> list[dict]:
+        self.check_k(k)
+        filters = self._checked_filters(filters)
+        if self.images is None:
+            raise QueryError(503, "image_search_unavailable", "image search is off for this service")
+        return self.search_vectors(self.images.embed(data), k, collapse, filters)[0]
+
+    # --- searching -----------------------------------------------------------
+
+    def _search(self, prepared: np.ndarray, k: int, collapse: bool, filters: dict) -> list[list[dict]]:
+        # Ask for more when collapsing: copies of one image would fill the page.
+        fetch = min(self.count, k * 4 if collapse else k)
+        if not filters:
+            scores, found = self.loaded.index.search(prepared, fetch)
+        else:
+            scores, found = self._filtered(prepared, fetch, self.items.matching(filters))
+        return [
+            self._hits(row_scores, row_ids, k, collapse)
+            for row_scores, row_ids in zip(scores, found, strict=True)
+        ]
+
+    def _filtered(self, prepared: np.ndarray, fetch: int, matching: np.ndarray):
+        """Search among the ``matching`` rows only: exactly when they are few, else with
+        an ID selector inside faiss, searching every list if that came back short."""
+        fetch = min(fetch, len(matching))
+        if fetch == 0:
+            return np.zeros((len(prepared), 0), np.float32), np.zeros((len(prepared), 0), np.int64)
+        if len(matching) <= EXACT_FILTER_MAX:
+            candidates = self.loaded.index.reconstruct_batch(matching)
+            scores = prepared @ candidates.T
+            if self.metric is Metric.L2:  # -|q - c|^2, so that higher is closer for both
+                scores = 2 * scores - (prepared**2).sum(1)[:, None] - (candidates**2).sum(1)[None, :]
+            best = np.argsort(-scores, axis=1, kind="stable")[:, :fetch]
+            chosen = np.take_along_axis(scores, best, axis=1)
+            return (chosen if self.metric is Metric.COSINE else -chosen), matching[best]
+        mask = np.zeros(self.count, bool)
+        mask[matching] = True
+        bitmap = np.packbits(mask, bitorder="little")
+        selector = faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(bitmap))
+        scores, found = self.loaded.index.search(prepared, fetch, params=self._parameters(selector))
+        if (found < 0).any():
+            scores, found = self.loaded.index.search(prepared, fetch, params=self._parameters(selector, True))
+        del bitmap  # the selector reads it until here
+        return scores, found
+
+    def _parameters(self, selector, exhaustive: bool = False):
+        """The index's tuned search parameters, with a selector (they must be passed
+        whole: a parameters object replaces the index's settings)."""
+        index = faiss.downcast_index(self.loaded.index)
+        if isinstance(index, faiss.IndexRefine):
+            base = faiss.SearchParametersIVF(sel=selector, nprobe=self._nprobe(exhaustive))
+            return faiss.IndexRefineSearchParameters(
+                k_factor=float(self._params.get("k_factor_rf", 1)), base_index_params=base
+            )
+        if isinstance(index, faiss.IndexIVF):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=self._nprobe(exhaustive))
+        if isinstance(index, faiss.IndexHNSW):
+            ef = int(self._params.get("efSearch", 16))
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(ef, 1024) if exhaustive else ef)
+        return faiss.SearchParameters(sel=selector)
+
+    def _nprobe(self, exhaustive: bool) -> int:
+        nlist = faiss.extract_index_ivf(self.loaded.index).nlist
+        return nlist if exhaustive else int(self._params.get("nprobe", 1))
+
+    def _hits(self, scores: np.ndarray, found: np.ndarray, k: int, collapse: bool) -> list[dict]:
+        valid = found >= 0
+        scores, found = scores[valid], found[valid]
+        clusters = self.items.clusters(found)
+        if collapse:
+            _, first = np.unique(clusters, return_index=True)
+            keep = np.sort(first)[:k]
+        else:
+            keep = np.arange(min(k, len(found)))
+        described = self.items.describe([int(row) for row in found[keep]], HIT_COLUMNS)
+        return [
+            row
+            | {"score": round(float(scores[i]), 6), "faiss_id": int(found[i]), "cluster_id": int(clusters[i])}
+            for i, row in zip(keep, described, strict=True)
+        ]
+
+    # --- checks --------------------------------------------------------------
+
+    def _row(self, image_id: str) -> int:
+        row = self.items.row_of(image_id)
+        if row is None:
+            raise QueryError(404, "unknown_id", f"no image with id {image_id!r} in this index")
+        return row
 
     def check_k(self, k: int) -> None:
         if not 1 <= k <= self.limits.max_k:
             raise QueryError(400, "bad_k", f"k must be between 1 and {self.limits.max_k}, got {k}")
+
+    def _checked_filters(self, filters: dict | None) -> dict:
+        filters = filters or {}
+        if len(filters) > self.limits.max_filters:
+            raise QueryError(
+                400, "bad_filter", f"at most {self.limits.max_filters} filters, got {len(filters)}"
+            )
+        unknown = sorted(set(filters) - set(self.filter_fields))
+        if unknown:
+            raise QueryError(
+                400,
+                "bad_filter",
+                f"cannot filter on {unknown}: the fields are {', '.join(self.filter_fields)}",
+            )
+        for field, value in filters.items():
+            if (
+                not isinstance(value, str | int | float | bool)
+                or isinstance(value, float)
+                and not np.isfinite(value)
+            ):
+                raise QueryError(400, "bad_filter", f"filter {field!r} needs a text or number value")
+        return {field: str(value) for field, value in filters.items()}
 
     def _check_vectors(self, vectors) -> np.ndarray:
         try:
@@ -204,27 +331,59 @@ class Searcher:
             raise QueryError(400, "bad_vector", "vectors must not contain NaN or infinity")
         return array
 
-    def _hits(self, scores: np.ndarray, found: np.ndarray, k: int, collapse: bool) -> list[dict]:
-        hits, seen = [], set()
-        for score, faiss_id in zip(scores, found, strict=True):
-            if faiss_id < 0:
-                continue
-            cluster = int(self._clusters[faiss_id])
-            if collapse and cluster in seen:
-                continue
-            seen.add(cluster)
-            hits.append(
-                {
-                    "id": self._ids[faiss_id],
-                    "uri": self._uris[faiss_id],
-                    "score": round(float(score), 6),
-                    "faiss_id": int(faiss_id),
-                    "cluster_id": cluster,
-                }
-            )
-            if len(hits) == k:
-                break
-        return hits
+
+class LiveIndex:
+    """The searcher of an index folder's live version. ``current`` is the searcher to
+    use for one request (read once per request: a swap never changes an answer
+    halfway); ``refresh()`` opens a new live version, if any, and swaps to it. The
+    image model is loaded once and kept while versions change."""
+
+    def __init__(
+        self,
+        index_dir: str,
+        limits: Limits = Limits(),
+        load_image_model: bool = True,
+        image_threads: int | None = None,
+    ):
+        self.index_dir = index_dir
+        self.limits = limits
+        self.current = Searcher.open(index_dir, limits, load_image_model, image_threads)
+        self._lock = threading.Lock()
+
+    def refresh(self) -> bool:
+        """True when a new version was opened and swapped in."""
+        with self._lock:
+            version = store.current_version(self.index_dir)
+            if version is None or version == self.current.version:
+                return False
+            old = self.current
+            loaded = store.load(self.index_dir, mmap=True)
+            if loaded.manifest.get("model") != old.loaded.manifest.get("model") or (
+                loaded.manifest.get("embedding_dimension") != old.loaded.manifest.get("embedding_dimension")
+            ):
+                _log.warning(
+                    "the new version %s of %s has another model or dimension; restart the service to serve it",
+                    version,
+                    self.index_dir,
+                )
+                return False
+            self.current = Searcher(loaded, self.limits, old.images)
+            _log.info("now serving version %s of %s (%d items)", version, self.index_dir, self.current.count)
+            return True
+
+    def watch(self, every: float = 2.0) -> threading.Event:
+        """Refreshes every ``every`` seconds in a thread; set the event to stop."""
+        stop = threading.Event()
+
+        def loop():
+            while not stop.wait(every):
+                try:
+                    self.refresh()
+                except Exception as error:  # a half-written or broken version: keep serving
+                    _log.warning("could not open the new version of %s: %s", self.index_dir, error)
+
+        threading.Thread(target=loop, name="index-watcher", daemon=True).start()
+        return stop
 
 
 def describe_hits(hits: list[dict], metric: str) -> str:

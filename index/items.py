@@ -1,0 +1,180 @@
+"""What an index knows about each item besides its vector, kept on disk and
+memory-mapped: no per-item Python object, so a service holds 100M items in the RAM
+their lookups touch.
+
+    items.arrow      Arrow IPC, row i = FAISS id i: id, uri, sha256, width, height,
+                     source (the container a record came from, or a file's folder),
+                     metadata (JSON, as the embed job kept it) and one string column
+                     per metadata field ("meta.caption"...), for filters
+    id_keys.npy      the first 64 bits of every id, sorted      } id -> FAISS id by
+    id_rows.npy      the FAISS id of each key, in that order    } binary search
+    clusters.npy     each row's near-duplicate cluster (its smallest FAISS id)
+    cluster_sizes.npy  the size of each row's cluster
+
+>>> items = Items.open("out/index/v20261203T101500-3f2a1c")
+>>> items.row_of("9f4d3b6a...")
+42
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from imgembed.index.reader import EmbeddingSource
+
+ITEMS_FILE = "items.arrow"
+ID_KEYS_FILE = "id_keys.npy"
+ID_ROWS_FILE = "id_rows.npy"
+CLUSTERS_FILE = "clusters.npy"
+CLUSTER_SIZES_FILE = "cluster_sizes.npy"
+SOURCE_FIELD = "source"
+METADATA_PREFIX = "meta."
+# Metadata fields kept as columns for filters, the most common first (img2dataset
+# writes a dozen; a corpus with thousands of distinct keys keeps only these).
+MAX_FILTER_FIELDS = 32
+# Filters asked for recently keep their matching rows (a bitmap, n / 8 bytes each).
+CACHED_FILTERS = 16
+EMBEDDING_COLUMNS = ("id", "uri", "sha256", "width", "height", "metadata")
+BASE_SCHEMA = [
+    ("id", pa.string()),
+    ("uri", pa.string()),
+    ("sha256", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    (SOURCE_FIELD, pa.string()),
+    ("metadata", pa.string()),
+]
+
+
+def source_of(uri: str) -> str:
+    """The shard an input came from: a container for its records, else its folder."""
+    if "#" in uri:
+        return uri.split("#", 1)[0]
+    return uri.rsplit("/", 1)[0] if "/" in uri else ""
+
+
+def id_keys(ids: pa.Array) -> np.ndarray:
+    """The first 64 bits of 128-bit hex ids, as unsigned integers."""
+    prefixes = pc.utf8_slice_codeunits(ids, 0, 16).to_pylist()
+    return np.frombuffer(bytes.fromhex("".join(prefixes)), dtype=">u8").astype(np.uint64)
+
+
+def _metadata_fields(sources: list[EmbeddingSource]) -> list[str]:
+    """The metadata keys of the corpus, the most common first (one pass over the
+    metadata column alone)."""
+    counts: dict[str, int] = {}
+    for source in sources:
+        for _, batch in source.record_batches(["metadata"]):
+            for text in batch.column(0).drop_null().to_pylist():
+                for key in json.loads(text):
+                    counts[key] = counts.get(key, 0) + 1
+    return sorted(counts, key=lambda key: (-counts[key], key))[:MAX_FILTER_FIELDS]
+
+
+def write_items(sources: list[EmbeddingSource], version_dir: str) -> dict:
+    """items.arrow and the id lookup of every source in FAISS id order, streamed."""
+    fields = _metadata_fields(sources)
+    schema = pa.schema(BASE_SCHEMA + [(METADATA_PREFIX + field, pa.string()) for field in fields])
+    keys = []
+    with (
+        pa.OSFile(os.path.join(version_dir, ITEMS_FILE), "wb") as sink,
+        pa.ipc.new_file(sink, schema) as writer,
+    ):
+        for source in sources:
+            for _, batch in source.record_batches(EMBEDDING_COLUMNS):
+                metadata = batch.column("metadata")
+                parsed = [json.loads(text) if text else {} for text in metadata.to_pylist()]
+                columns = [batch.column(name) for name in EMBEDDING_COLUMNS[:5]]
+                columns += [
+                    pc.cast(
+                        pa.array([source_of(uri) for uri in batch.column("uri").to_pylist()]), pa.string()
+                    )
+                ]
+                columns += [metadata]
+                columns += [
+                    pa.array([None if field not in row else str(row[field]) for row in parsed], pa.string())
+                    for field in fields
+                ]
+                writer.write_batch(pa.record_batch(columns, schema=schema))
+                keys.append(id_keys(batch.column("id")))
+    all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    order = np.argsort(all_keys, kind="stable")
+    np.save(os.path.join(version_dir, ID_KEYS_FILE), all_keys[order])
+    np.save(os.path.join(version_dir, ID_ROWS_FILE), order.astype(np.int64))
+    return {"filter_fields": [SOURCE_FIELD, *fields]}
+
+
+def write_clusters(version_dir: str, cluster_of: np.ndarray) -> None:
+    """Each row's cluster (its smallest member) and the cluster's size."""
+    sizes = np.bincount(cluster_of, minlength=len(cluster_of)).astype(np.int32)
+    np.save(os.path.join(version_dir, CLUSTERS_FILE), cluster_of.astype(np.int64))
+    np.save(os.path.join(version_dir, CLUSTER_SIZES_FILE), sizes[cluster_of])
+
+
+class Items:
+    """The items of one index version, memory-mapped; safe to share between threads."""
+
+    def __init__(self, version_dir: str):
+        self._source = pa.memory_map(os.path.join(version_dir, ITEMS_FILE))
+        self.table = pa.ipc.open_file(self._source).read_all()  # zero-copy: columns point into the map
+        self._keys = np.load(os.path.join(version_dir, ID_KEYS_FILE), mmap_mode="r")
+        self._rows = np.load(os.path.join(version_dir, ID_ROWS_FILE), mmap_mode="r")
+        self._clusters = np.load(os.path.join(version_dir, CLUSTERS_FILE), mmap_mode="r")
+        self._cluster_sizes = np.load(os.path.join(version_dir, CLUSTER_SIZES_FILE), mmap_mode="r")
+        self.filter_fields = [SOURCE_FIELD] + [
+            name.removeprefix(METADATA_PREFIX)
+            for name in self.table.schema.names
+            if name.startswith(METADATA_PREFIX)
+        ]
+        self._lock = threading.Lock()
+        self._matching = functools.lru_cache(maxsize=CACHED_FILTERS)(self._matching_uncached)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def row_of(self, image_id: str) -> int | None:
+        """The FAISS id of an image id, or None."""
+        try:
+            key = int(image_id[:16], 16)
+        except ValueError:
+            return None
+        start = int(np.searchsorted(self._keys, np.uint64(key), side="left"))
+        end = int(np.searchsorted(self._keys, np.uint64(key), side="right"))
+        column = self.table.column("id")
+        for row in self._rows[start:end]:  # one, unless 64-bit prefixes collide
+            if column[int(row)].as_py() == image_id:
+                return int(row)
+        return None
+
+    def cluster(self, row: int) -> tuple[int, int]:
+        return int(self._clusters[row]), int(self._cluster_sizes[row])
+
+    def clusters(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self._clusters[rows])
+
+    def describe(self, rows: list[int], columns: tuple[str, ...]) -> list[dict]:
+        """The chosen columns of these rows (metadata parsed from its JSON)."""
+        taken = self.table.select(list(columns)).take(pa.array(rows, pa.int64())).to_pylist()
+        for row in taken:
+            if "metadata" in row:
+                row["metadata"] = json.loads(row["metadata"]) if row["metadata"] else {}
+        return taken
+
+    def matching(self, filters: dict[str, str]) -> np.ndarray:
+        """The FAISS ids of the rows whose fields equal the filter's values, sorted."""
+        return self._matching(tuple(sorted(filters.items())))
+
+    def _matching_uncached(self, filters: tuple[tuple[str, str], ...]) -> np.ndarray:
+        mask = None
+        for field, value in filters:
+            name = field if field == SOURCE_FIELD else METADATA_PREFIX + field
+            equal = pc.fill_null(pc.equal(self.table.column(name), pa.scalar(str(value))), False)
+            mask = equal if mask is None else pc.and_(mask, equal)
+        return np.flatnonzero(np.asarray(mask)) if mask is not None else np.arange(len(self))

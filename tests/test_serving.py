@@ -1,0 +1,174 @@
+"""The service as users of a big index meet it, started for real on loopback: every
+index kind the chooser picks is served, metadata comes back with every hit and
+filters select on it, a new version is swapped in under load without a failed
+request, and schemathesis finds nothing against the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import httpx
+import numpy as np
+import pytest
+
+from fixtures.synthetic_vectors import StructuredVectors, write_embeddings
+from imgembed.common.embedding_files import image_id
+from imgembed.index import command as index_command
+from tests.conftest import require_tool
+from tests.gcs import TOOLS
+from tests.servers import serve
+
+BIN = os.path.dirname(sys.executable)
+DIM = 64
+COLOURS = ["red"] * 8 + ["green", "blue"]  # red: most of the corpus; blue: a tenth
+# The factories the chooser produces (index/choose.py), at this corpus's size.
+KINDS = {
+    "flat": "Flat",
+    "hnsw": "HNSW32",
+    "ivf_flat": "IVF32,Flat",
+    "ivf_sq8": "IVF32,SQ8",
+    "ivf_pq_rflat": "IVF32,PQ16x4fs,RFlat",
+}
+
+
+def catalogue_rows(start: int, count: int) -> tuple[np.ndarray, list[str], list[dict]]:
+    vectors = StructuredVectors(DIM, seed=4).chunk(start, count)
+    uris = [f"synthetic://shard{row // 1000}/{row:06d}.jpg" for row in range(start, start + count)]
+    metadata = [
+        {"key": f"{row:06d}", "caption": f"a {COLOURS[row % len(COLOURS)]} thing", "url": f"https://example.com/{row}.jpg"}
+        for row in range(start, start + count)
+    ]
+    return vectors, uris, metadata
+
+
+def write_catalogue(folder, start: int, count: int, files: int) -> None:
+    bounds = np.linspace(start, start + count, files + 1).astype(int)
+    for number, (low, high) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        vectors, uris, metadata = catalogue_rows(int(low), int(high - low))
+        write_embeddings(str(folder), vectors, uris, file_name=f"embeddings-{low:06d}.parquet", metadata=metadata)
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("catalogue")
+    write_catalogue(folder / "embeddings", 0, 6000, files=6)
+    return folder
+
+
+def build(catalogue, name: str, *flags: str) -> str:
+    index = str(catalogue / f"index-{name}")
+    if not os.path.exists(os.path.join(index, "CURRENT")):
+        argv = ["--embeddings", str(catalogue / "embeddings"), "--output", index, *flags]
+        assert index_command.main(argv) == 0
+    return index
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "distributed"])
+def test_every_index_kind_is_served_and_queried(catalogue, kind):
+    flags = ["--index-type", KINDS.get(kind, "IVF32,Flat")] + (["--distributed"] if kind == "distributed" else [])
+    index = build(catalogue, kind, *flags)
+    target = image_id("synthetic://shard2/002345.jpg")
+    query = subprocess.run(
+        [os.path.join(BIN, "imgembed"), "query", "--index", index, "--id", target, "-k", "5", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert query.returncode == 0, query.stderr[-2000:]
+    assert len(json.loads(query.stdout)["results"]) == 5
+    with serve(index, "--workers", "1") as url:
+        item = httpx.get(f"{url}/v1/items/{target}").json()
+        assert item["metadata"] == {"key": "002345", "caption": "a green thing", "url": "https://example.com/2345.jpg"}
+        assert item["source"] == "synthetic://shard2"
+        hits = httpx.get(f"{url}/v1/neighbors/{target}", params={"k": 10}).json()["results"]
+        assert len(hits) == 10 and target not in [hit["id"] for hit in hits]
+        assert all(hit["metadata"]["url"].startswith("https://example.com/") for hit in hits)
+        vector = catalogue_rows(2345, 1)[0].tolist()
+        found = httpx.post(f"{url}/v1/search", json={"vectors": vector, "k": 3}).json()["results"][0]
+        assert found[0]["id"] == target  # an index of these vectors finds each one first
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_sq8", "hnsw"])
+def test_filters_return_k_matching_items_whenever_k_exist(catalogue, kind):
+    index = build(catalogue, kind, "--index-type", KINDS[kind])
+    target = image_id("synthetic://shard0/000007.jpg")
+    vector = catalogue_rows(7, 1)[0].tolist()
+    with serve(index, "--workers", "1") as url:
+        for caption, k in (("a red thing", 50), ("a blue thing", 50), ("a green thing", 100)):
+            body = {"vectors": vector, "k": k, "filter": {"caption": caption}}
+            hits = httpx.post(f"{url}/v1/search", json=body).json()["results"][0]
+            assert len(hits) == k and {hit["metadata"]["caption"] for hit in hits} == {caption}
+            by_id = httpx.get(f"{url}/v1/neighbors/{target}", params={"k": k, "filter": f"caption={caption}"})
+            assert {hit["metadata"]["caption"] for hit in by_id.json()["results"]} == {caption}
+        shard = httpx.get(f"{url}/v1/neighbors/{target}", params={"k": 20, "filter": "source=synthetic://shard4"})
+        assert {hit["uri"].rsplit("/", 1)[0] for hit in shard.json()["results"]} == {"synthetic://shard4"}
+        nothing = {"vectors": vector, "k": 5, "filter": {"caption": "a purple thing"}}
+        assert httpx.post(f"{url}/v1/search", json=nothing).json()["results"] == [[]]
+
+
+def test_an_add_under_load_swaps_versions_without_a_failed_request(catalogue, tmp_path):
+    index = str(tmp_path / "live-index")
+    assert index_command.main(["--embeddings", str(catalogue / "embeddings"), "--output", index, "--index-type", "IVF32,Flat"]) == 0
+    write_catalogue(tmp_path / "new", 6000, 500, files=1)
+    new_id = image_id("synthetic://shard6/006123.jpg")
+    known = [image_id(f"synthetic://shard{row // 1000}/{row:06d}.jpg") for row in range(0, 6000, 97)]
+    failures, answered, stop = [], [0], threading.Event()
+    with serve(index, "--workers", "2", "--reload-seconds", "0.3") as url:
+
+        def load():
+            with httpx.Client(base_url=url, timeout=30) as client:
+                while not stop.is_set():
+                    for image in known:
+                        response = client.get(f"/v1/neighbors/{image}", params={"k": 10})
+                        answered[0] += 1
+                        if response.status_code != 200:
+                            failures.append(response.status_code)
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        added = subprocess.run(
+            [os.path.join(BIN, "imgembed"), "index", "--add", "--embeddings", str(tmp_path / "new"), "--output", index],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        # Both workers have switched once /health says so many times in a row.
+        seen = 0
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for _ in range(600):
+                seen = seen + 1 if client.get("/health").json()["count"] == 6500 else 0
+                if seen >= 20:
+                    break
+                threading.Event().wait(0.05)
+            new_item = client.get(f"/v1/items/{new_id}")
+            new_neighbours = client.get(f"/v1/neighbors/{new_id}", params={"k": 5})
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert added.returncode == 0, added.stderr[-2000:]
+    assert seen >= 20
+    assert not failures and answered[0] > 100, (failures[:10], answered)
+    assert new_item.status_code == 200 and new_item.json()["metadata"]["key"] == "006123"
+    assert len(new_neighbours.json()["results"]) == 5
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_nothing_against_the_openapi_document(catalogue, tmp_path):
+    schemathesis = TOOLS / "schemathesis" / "bin" / "schemathesis"
+    require_tool(schemathesis, "schemathesis")
+    index = build(catalogue, "flat", "--index-type", "Flat")
+    with serve(index, "--workers", "1") as url:
+        completed = subprocess.run(
+            [str(schemathesis), "run", f"{url}/openapi.json", "--checks", "all", "--seed", "1"]
+            + ["--max-examples", "40", "--request-timeout", "20", "--no-color"],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            cwd=tmp_path,
+        )
+    assert completed.returncode == 0, completed.stdout[-6000:]
