@@ -46,6 +46,11 @@ setup(
         # The search service.
         "fastapi>=0.110",
         "uvicorn>=0.29",
+        # uvicorn's fast HTTP parser and event loop (its pure-Python parser costs
+        # more per request than a whole faiss lookup).
+        "httptools>=0.6",
+        "uvloop>=0.19",
+        "orjson>=3.9",
         "python-multipart>=0.0.9",
         "prometheus-client>=0.20",
         # The embedded default corpus: photos these packages ship.

@@ -196,7 +196,7 @@ def multipart(image: str) -> bytes:
     with open(image, "rb") as file:
         data = file.read()
     return (
-        b"--imgembedbench\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n"
+        b'--imgembedbench\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
         b"Content-Type: image/jpeg\r\n\r\n" + data + b"\r\n--imgembedbench--\r\n"
     )
 
@@ -249,7 +249,11 @@ def main() -> int:
     from imgembed.index import store
 
     loaded = store.load(index, mmap=True)
-    count, dim, kind = loaded.count, int(loaded.manifest["embedding_dimension"]), loaded.manifest["index"]["factory"]
+    count, dim, kind = (
+        loaded.count,
+        int(loaded.manifest["embedding_dimension"]),
+        loaded.manifest["index"]["factory"],
+    )
     ids_file = os.path.join(work, "ids.txt")
     with open(ids_file, "w") as file:
         file.write("\n".join(sample_ids(index)) + "\n")
@@ -276,7 +280,11 @@ def main() -> int:
         with open(body, "wb") as file:
             file.write(multipart(image))
         results["by image"] = wrk(
-            server.url, BY_FILE % {"body": body, "path": "/v1/search/image?k=10"}, work, "by_image", args.seconds
+            server.url,
+            BY_FILE % {"body": body, "path": "/v1/search/image?k=10"},
+            work,
+            "by_image",
+            args.seconds,
         )
         model_rate = model_images_per_sec(index, image)
     pss = pss_bytes(server.process.pid)

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from imgembed import __version__
 from imgembed.common import progress, storage
 from imgembed.index import items, store
-from imgembed.index.choose import IndexPlan, choose_index, nlist_for
+from imgembed.index.choose import IndexPlan, choose_index, kind_of_factory, nlist_for
 from imgembed.index.duplicates import write_duplicates
 from imgembed.index.evaluate import QuerySet, exact_neighbours, latency, recall, recall_report, tune
 from imgembed.index.faiss_index import add_vectors, is_ivf, new_index, search_param_grid, set_search_params
@@ -80,7 +80,7 @@ def plan_for(source: EmbeddingSource, config: IndexConfig) -> IndexPlan:
         source.dim, config.factory, config.metric.faiss_metric
     ).is_trained
     train = min(source.count, max(64 * nlist_for(source.count), 20_000)) if needs_training else 0
-    kind = "ivf_custom" if config.factory.startswith("IVF") else "custom"
+    kind = kind_of_factory(config.factory)
     return IndexPlan(kind, config.factory, 0, train, f"--index-type {config.factory} given")
 
 

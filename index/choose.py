@@ -50,6 +50,20 @@ class IndexPlan:
         return self.kind.startswith("ivf")
 
 
+def kind_of_factory(factory: str) -> str:
+    """The kind (as in the table above) an index_factory string builds, or "custom"."""
+    if factory == "Flat":
+        return "flat"
+    if factory.startswith("HNSW"):
+        return "hnsw"
+    if factory.startswith("IVF"):
+        for suffix, kind in ((",Flat", "ivf_flat"), (",SQ8", "ivf_sq8"), ("fs,RFlat", "ivf_pq_rflat")):
+            if factory.endswith(suffix):
+                return kind
+        return "ivf_custom"
+    return "custom"
+
+
 def nlist_for(count: int) -> int:
     """About 4 sqrt(n) lists (a power of two), with enough points to train each."""
     target = 4 * math.sqrt(count)

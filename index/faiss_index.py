@@ -70,10 +70,11 @@ def set_search_params(index: faiss.Index, params: dict) -> None:
 
 def search_param_grid(plan: IndexPlan, index: faiss.Index) -> list[dict]:
     """Settings to try, cheapest first; tuning keeps the first that meets the target."""
-    if plan.kind == "flat":
-        return [{}]
-    if plan.kind == "hnsw":
+    concrete = faiss.downcast_index(index)
+    if isinstance(concrete, faiss.IndexHNSW):
         return [{"efSearch": ef} for ef in (16, 32, 64, 128, 256, 512, 1024)]
+    if not is_ivf(index):
+        return [{}]
     nlist = faiss.extract_index_ivf(index).nlist
     nprobes = [2**i for i in range(int(np.log2(nlist)) + 1)]
     if isinstance(faiss.downcast_index(index), faiss.IndexRefine):

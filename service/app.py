@@ -9,7 +9,8 @@ before they are parsed. Middleware is plain ASGI (no per-request task or copy), 
 responses are serialised with orjson.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads the route signatures'
+# types, some of them made in create_app from this index's limits.
 
 import importlib.resources
 import re
@@ -21,7 +22,7 @@ from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, ORJSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, create_model
 from starlette.exceptions import HTTPException
 
 from imgembed.service.searcher import LiveIndex, QueryError
@@ -33,6 +34,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 IMAGE_ROUTE = "/v1/search/image"
 ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 ERROR_CODES |= {415: "unsupported_media_type", 422: "bad_request", 503: "unavailable"}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ErrorDetail(BaseModel):
@@ -42,6 +44,17 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+def _json_number(value):
+    """JSON Schema's integer is a number without a fraction (95.0 is one), never text or
+    a boolean; pydantic's lax int would take "95" and True, its strict one not 95.0."""
+    if isinstance(value, str | bytes | bool):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+JsonInteger = Annotated[int, BeforeValidator(_json_number)]
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> ORJSONResponse:
@@ -229,6 +242,11 @@ def create_app(live: LiveIndex) -> FastAPI:
         )
         return error_response(422, "bad_request", problems or "the request is malformed")
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception):
+        error_count.labels("internal").inc()
+        return error_response(500, "internal", f"{type(error).__name__}: {error}")
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
         code = ERROR_CODES.get(error.status_code, "bad_request")
@@ -245,10 +263,17 @@ def create_app(live: LiveIndex) -> FastAPI:
         list[Annotated[str, Field(pattern=rf"^({'|'.join(re.escape(field) for field in fields)})=")]] | None,
         Query(description=f"field=value, repeatable (all must hold); fields: {', '.join(fields)}."),
     ]
+    examples = [row["id"] for row in searcher.items.describe([0], ("id",))] if searcher.count else []
     ImageId = Annotated[
-        str, Field(pattern="^[0-9a-f]{32}$", description="An image id (from results or the embeddings).")
+        str,
+        Field(
+            pattern="^[0-9a-f]{32}$",
+            description="An image id (from results or the embeddings).",
+            examples=examples,
+        ),
     ]
-    Vector = Annotated[list[float], Field(min_length=searcher.dimension, max_length=searcher.dimension)]
+    Number = Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]  # vectors are float32
+    Vector = Annotated[list[Number], Field(min_length=searcher.dimension, max_length=searcher.dimension)]
     FilterValue = str | int | float | bool
     FilterBody = create_model(
         "Filter",
@@ -265,8 +290,8 @@ def create_app(live: LiveIndex) -> FastAPI:
             max_length=limits.max_batch,
             description=f"Query vectors of {searcher.dimension} numbers.",
         )
-        k: int = Field(10, ge=1, le=limits.max_k, description="Neighbours per vector.")
-        collapse_duplicates: bool = Field(False, description="One result per near-duplicate cluster.")
+        k: JsonInteger = Field(10, ge=1, le=limits.max_k, description="Neighbours per vector.")
+        collapse_duplicates: StrictBool = Field(False, description="One result per near-duplicate cluster.")
         filter: FilterBody | None = Field(None, description="Equality on metadata fields; all must hold.")  # type: ignore[valid-type]
 
     def media_type(wanted: str):
@@ -338,24 +363,29 @@ def create_app(live: LiveIndex) -> FastAPI:
         results = current.search_vectors(vectors, query.k, query.collapse_duplicates, filters)
         return {"metric": current.metric.value, "results": results}
 
-    @app.post(
-        IMAGE_ROUTE,
-        response_model=Results,
-        responses=errors(400, 413, 415, 422, 503),
-        dependencies=media_type("multipart/form-data"),
-    )
-    def search_image(  # decoding and the model: in the thread pool
-        image: UploadFile = File(
-            ..., description=f"An image file (JPEG, PNG, WebP...) of at most {limits.max_upload_bytes} bytes."
-        ),
-        k: K = 10,
-        collapse_duplicates: Collapse = False,
-        filter: Filter = None,
-    ):
-        current = live.current
-        data = image.file.read(limits.max_upload_bytes + 1)
-        hits = current.search_image(data, k, collapse_duplicates, _filters(filter, fields))
-        return {"metric": current.metric.value, "results": hits}
+    # Offered only when the index's model is loaded: the document says what this
+    # service answers (without a model, an image query is a 404 like any unknown route).
+    if searcher.images is not None and searcher.images.model is not None:
+
+        @app.post(
+            IMAGE_ROUTE,
+            response_model=Results,
+            responses=errors(400, 413, 415, 422),
+            dependencies=media_type("multipart/form-data"),
+        )
+        def search_image(  # decoding and the model: in the thread pool
+            image: UploadFile = File(
+                ...,
+                description=f"An image file (JPEG, PNG, WebP...) of at most {limits.max_upload_bytes} bytes.",
+            ),
+            k: K = 10,
+            collapse_duplicates: Collapse = False,
+            filter: Filter = None,
+        ):
+            current = live.current
+            data = image.file.read(limits.max_upload_bytes + 1)
+            hits = current.search_image(data, k, collapse_duplicates, _filters(filter, fields))
+            return {"metric": current.metric.value, "results": hits}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics():

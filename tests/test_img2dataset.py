@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import httpx
 import pyarrow as pa
@@ -65,17 +64,26 @@ def test_img2dataset_shards_keep_their_captions_and_urls_through_search(tiny_mod
     )
     assert done.returncode == 0, done.stderr[-3000:]
     names = sorted(os.listdir(shards))
-    assert any(name.endswith(".tar") for name in names) and any(name.endswith("_stats.json") for name in names)
+    assert any(name.endswith(".tar") for name in names) and any(
+        name.endswith("_stats.json") for name in names
+    )
     assert any(name.endswith(".parquet") for name in names)  # its metadata beside each tar
 
     out = tmp_path / "out"
-    summary = embed.run([f"--input={shards}", f"--output={out}", f"--model={tiny_model_dir}", "--runner=DirectRunner"])
+    summary = embed.run(
+        [f"--input={shards}", f"--output={out}", f"--model={tiny_model_dir}", "--runner=DirectRunner"]
+    )
     # Only the images: no error row for the stats or the metadata Parquet files.
     assert summary.inputs == summary.models[0].rows == 25 and summary.errors_total == 0
-    assert index_command.main(["--embeddings", str(out / "tiny_mobilenet_64"), "--output", str(out / "index")]) == 0
+    assert (
+        index_command.main(["--embeddings", str(out / "tiny_mobilenet_64"), "--output", str(out / "index")])
+        == 0
+    )
     with serve(out / "index", "--workers", "1") as url:
         with open(photos / "07.jpg", "rb") as image:
-            hits = httpx.post(f"{url}/v1/search/image", files={"image": image}, params={"k": 5}).json()["results"]
+            hits = httpx.post(f"{url}/v1/search/image", files={"image": image}, params={"k": 5}).json()[
+                "results"
+            ]
         assert len(hits) == 5
         by_url = {row["url"]: row["caption"] for row in rows}
         for hit in hits:

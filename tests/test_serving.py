@@ -39,17 +39,29 @@ def catalogue_rows(start: int, count: int) -> tuple[np.ndarray, list[str], list[
     vectors = StructuredVectors(DIM, seed=4).chunk(start, count)
     uris = [f"synthetic://shard{row // 1000}/{row:06d}.jpg" for row in range(start, start + count)]
     metadata = [
-        {"key": f"{row:06d}", "caption": f"a {COLOURS[row % len(COLOURS)]} thing", "url": f"https://example.com/{row}.jpg"}
+        {
+            "key": f"{row:06d}",
+            "caption": f"a {COLOURS[row % len(COLOURS)]} thing",
+            "url": f"https://example.com/{row}.jpg",
+        }
         for row in range(start, start + count)
     ]
     return vectors, uris, metadata
 
 
+def catalogue_vector(row: int, rows_per_file: int = 1000) -> list[list[float]]:
+    """The vector of one row, as write_catalogue wrote it (files of 1000 rows)."""
+    start = row - row % rows_per_file
+    return catalogue_rows(start, rows_per_file)[0][row - start : row - start + 1].tolist()
+
+
 def write_catalogue(folder, start: int, count: int, files: int) -> None:
     bounds = np.linspace(start, start + count, files + 1).astype(int)
-    for number, (low, high) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+    for low, high in zip(bounds[:-1], bounds[1:], strict=True):
         vectors, uris, metadata = catalogue_rows(int(low), int(high - low))
-        write_embeddings(str(folder), vectors, uris, file_name=f"embeddings-{low:06d}.parquet", metadata=metadata)
+        write_embeddings(
+            str(folder), vectors, uris, file_name=f"embeddings-{low:06d}.parquet", metadata=metadata
+        )
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +81,9 @@ def build(catalogue, name: str, *flags: str) -> str:
 
 @pytest.mark.parametrize("kind", [*KINDS, "distributed"])
 def test_every_index_kind_is_served_and_queried(catalogue, kind):
-    flags = ["--index-type", KINDS.get(kind, "IVF32,Flat")] + (["--distributed"] if kind == "distributed" else [])
+    flags = ["--index-type", KINDS.get(kind, "IVF32,Flat")] + (
+        ["--distributed"] if kind == "distributed" else []
+    )
     index = build(catalogue, kind, *flags)
     target = image_id("synthetic://shard2/002345.jpg")
     query = subprocess.run(
@@ -82,12 +96,16 @@ def test_every_index_kind_is_served_and_queried(catalogue, kind):
     assert len(json.loads(query.stdout)["results"]) == 5
     with serve(index, "--workers", "1") as url:
         item = httpx.get(f"{url}/v1/items/{target}").json()
-        assert item["metadata"] == {"key": "002345", "caption": "a green thing", "url": "https://example.com/2345.jpg"}
+        assert item["metadata"] == {
+            "key": "002345",
+            "caption": f"a {COLOURS[2345 % len(COLOURS)]} thing",
+            "url": "https://example.com/2345.jpg",
+        }
         assert item["source"] == "synthetic://shard2"
         hits = httpx.get(f"{url}/v1/neighbors/{target}", params={"k": 10}).json()["results"]
         assert len(hits) == 10 and target not in [hit["id"] for hit in hits]
         assert all(hit["metadata"]["url"].startswith("https://example.com/") for hit in hits)
-        vector = catalogue_rows(2345, 1)[0].tolist()
+        vector = catalogue_vector(2345)
         found = httpx.post(f"{url}/v1/search", json={"vectors": vector, "k": 3}).json()["results"][0]
         assert found[0]["id"] == target  # an index of these vectors finds each one first
 
@@ -96,7 +114,7 @@ def test_every_index_kind_is_served_and_queried(catalogue, kind):
 def test_filters_return_k_matching_items_whenever_k_exist(catalogue, kind):
     index = build(catalogue, kind, "--index-type", KINDS[kind])
     target = image_id("synthetic://shard0/000007.jpg")
-    vector = catalogue_rows(7, 1)[0].tolist()
+    vector = catalogue_vector(7)
     with serve(index, "--workers", "1") as url:
         for caption, k in (("a red thing", 50), ("a blue thing", 50), ("a green thing", 100)):
             body = {"vectors": vector, "k": k, "filter": {"caption": caption}}
@@ -104,7 +122,9 @@ def test_filters_return_k_matching_items_whenever_k_exist(catalogue, kind):
             assert len(hits) == k and {hit["metadata"]["caption"] for hit in hits} == {caption}
             by_id = httpx.get(f"{url}/v1/neighbors/{target}", params={"k": k, "filter": f"caption={caption}"})
             assert {hit["metadata"]["caption"] for hit in by_id.json()["results"]} == {caption}
-        shard = httpx.get(f"{url}/v1/neighbors/{target}", params={"k": 20, "filter": "source=synthetic://shard4"})
+        shard = httpx.get(
+            f"{url}/v1/neighbors/{target}", params={"k": 20, "filter": "source=synthetic://shard4"}
+        )
         assert {hit["uri"].rsplit("/", 1)[0] for hit in shard.json()["results"]} == {"synthetic://shard4"}
         nothing = {"vectors": vector, "k": 5, "filter": {"caption": "a purple thing"}}
         assert httpx.post(f"{url}/v1/search", json=nothing).json()["results"] == [[]]
@@ -112,7 +132,12 @@ def test_filters_return_k_matching_items_whenever_k_exist(catalogue, kind):
 
 def test_an_add_under_load_swaps_versions_without_a_failed_request(catalogue, tmp_path):
     index = str(tmp_path / "live-index")
-    assert index_command.main(["--embeddings", str(catalogue / "embeddings"), "--output", index, "--index-type", "IVF32,Flat"]) == 0
+    assert (
+        index_command.main(
+            ["--embeddings", str(catalogue / "embeddings"), "--output", index, "--index-type", "IVF32,Flat"]
+        )
+        == 0
+    )
     write_catalogue(tmp_path / "new", 6000, 500, files=1)
     new_id = image_id("synthetic://shard6/006123.jpg")
     known = [image_id(f"synthetic://shard{row // 1000}/{row:06d}.jpg") for row in range(0, 6000, 97)]
@@ -132,7 +157,15 @@ def test_an_add_under_load_swaps_versions_without_a_failed_request(catalogue, tm
         for thread in threads:
             thread.start()
         added = subprocess.run(
-            [os.path.join(BIN, "imgembed"), "index", "--add", "--embeddings", str(tmp_path / "new"), "--output", index],
+            [
+                os.path.join(BIN, "imgembed"),
+                "index",
+                "--add",
+                "--embeddings",
+                str(tmp_path / "new"),
+                "--output",
+                index,
+            ],
             capture_output=True,
             text=True,
             timeout=600,
