@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from imgembed import __version__
 from imgembed.common import progress, storage
 from imgembed.index import items, store
-from imgembed.index.choose import IndexPlan, choose_index, kind_of_factory, nlist_for
+from imgembed.index.choose import IndexPlan, choose_index, ivf_sizing, kind_of_factory
 from imgembed.index.duplicates import write_duplicates
 from imgembed.index.evaluate import QuerySet, exact_neighbours, latency, recall, recall_report, tune
 from imgembed.index.faiss_index import add_vectors, is_ivf, new_index, search_param_grid, set_search_params
@@ -79,7 +79,7 @@ def plan_for(source: EmbeddingSource, config: IndexConfig) -> IndexPlan:
     needs_training = not faiss.index_factory(
         source.dim, config.factory, config.metric.faiss_metric
     ).is_trained
-    train = min(source.count, max(64 * nlist_for(source.count), 20_000)) if needs_training else 0
+    train = ivf_sizing(source.count, source.dim, config.max_memory).train_size if needs_training else 0
     kind = kind_of_factory(config.factory)
     return IndexPlan(kind, config.factory, 0, train, f"--index-type {config.factory} given")
 
@@ -226,8 +226,11 @@ def build(
         "parts": [_part(source)],
     } | filter_fields
     store.write_json(local, store.MANIFEST_FILE, manifest)
+    # Without a transform, the evaluation queries' exact neighbours are raw cosine
+    # neighbours too: they measure the duplicate pass for free.
+    truth = fitted.eval_set if transform_info is None else None
     report["duplicates"] = _duplicates(
-        local, fitted.index, [source.reporting(clock.begin("duplicates", source.count))], config
+        local, fitted.index, source, config, truth, clock.begin("duplicates", 2 * source.count, "row passes")
     )
     clock.end()
     index_bytes = os.path.getsize(store.path(local, store.INDEX_FILE))
@@ -312,7 +315,9 @@ def add_to_index(
     metric = loaded.metric
     config = dataclasses.replace(config, metric=metric)
     known = [file["path"] for part in manifest["parts"] for file in part["files"]]
-    new = EmbeddingSource(folders, first_id=loaded.count, skip_paths=known).with_transform(loaded.transform())
+    # New rows go through the index's own transform, as its rows did.
+    transform = loaded.transform()
+    new = EmbeddingSource(folders, first_id=loaded.count, skip_paths=known).with_transform(transform)
     report: dict = {"added": new.count, "skipped_files_already_indexed": len(known)}
     if new.count == 0:
         report["note"] = "every embedding file given is already in the index"
@@ -321,10 +326,11 @@ def add_to_index(
 
     before = _imbalance(loaded.index)
     add(loaded.index, new, metric)
-    combined = EmbeddingSource.from_files(
+    combined_raw = EmbeddingSource.from_files(
         [file for part in manifest["parts"] for file in part["files"]]
         + [dataclasses.asdict(f) for f in new.files]
     )
+    combined = combined_raw.with_transform(transform)
     _, queries, _ = _query_sets(combined, config, among=new)
     new_recall = recall(loaded.index, queries, min(RECALL_K, combined.count - 1))
     at_build = manifest["recall_at_build"].get(f"recall@{RECALL_K}", 1.0)
@@ -352,7 +358,7 @@ def add_to_index(
     manifest["parts"].append(_part(new))
     manifest["count"] = int(loaded.index.ntotal)
     store.write_json(local, store.MANIFEST_FILE, manifest)
-    report["duplicates"] = _duplicates(local, loaded.index, [combined], config)
+    report["duplicates"] = _duplicates(local, loaded.index, combined, config)
     full_report = store.read_json(loaded.directory, store.REPORT_FILE)
     full_report.setdefault("additions", []).append(report)
     full_report["version"] = version.name
@@ -391,12 +397,17 @@ def _imbalance(index: faiss.Index) -> float | None:
 
 
 def _duplicates(
-    version_dir: str, index: faiss.Index, sources: list[EmbeddingSource], config: IndexConfig
+    version_dir: str,
+    index: faiss.Index,
+    indexed: EmbeddingSource,
+    config: IndexConfig,
+    truth: QuerySet | None = None,
+    phase=None,
 ) -> dict:
     table = pa.ipc.open_file(pa.memory_map(store.path(version_dir, items.ITEMS_FILE))).read_all()
+    # The threshold is a cosine: for an l2 index, exact copies only.
     threshold = config.dedup_threshold if config.metric is Metric.COSINE else None
-    summary, cluster_of = write_duplicates(
-        index, sources, table, config.metric, threshold, store.path(version_dir, store.DUPLICATES_FILE)
-    )
+    path = store.path(version_dir, store.DUPLICATES_FILE)
+    summary, cluster_of = write_duplicates(index, indexed, table, threshold, path, truth, phase)
     items.write_clusters(version_dir, cluster_of)
     return summary

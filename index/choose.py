@@ -29,8 +29,16 @@ HNSW_M = 32
 OVERHEAD = 1.10
 ID_BYTES = 8
 # faiss warns below 39 training points per centroid; 64 gives stable centroids.
+MIN_POINTS_PER_CENTROID = 39
 POINTS_PER_CENTROID = 64
-MAX_TRAIN_VECTORS = 500_000
+MAX_LISTS = 2**18
+# The training sample may take this share of the memory budget (the index being
+# built takes the rest); a budget too small for 39 points a list gets fewer lists.
+TRAIN_SHARE_OF_BUDGET = 0.5
+# From this many lists, the coarse quantizer is an HNSW graph over the centroids:
+# with a flat one, finding the lists to probe cost 44% of a query at 2048 lists of
+# 1024-d vectors (faiss's own profile, under load), more than scanning them.
+HNSW_QUANTIZER_MIN_LISTS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +73,37 @@ def kind_of_factory(factory: str) -> str:
 
 
 def nlist_for(count: int) -> int:
-    """About 4 sqrt(n) lists (a power of two), with enough points to train each."""
+    """About 4 sqrt(n) lists (a power of two), with at least 39 points to train each."""
     target = 4 * math.sqrt(count)
     nlist = 2 ** round(math.log2(max(target, 1)))
-    return int(max(16, min(nlist, 65536, count // 39)))
+    return int(max(16, min(nlist, MAX_LISTS, count // MIN_POINTS_PER_CENTROID)))
+
+
+@dataclasses.dataclass(frozen=True)
+class IvfSizing:
+    nlist: int
+    train_size: int
+    quantizer: str  # "" (flat) or "_HNSW32", as index_factory spells it
+    reason: str
+
+
+def ivf_sizing(count: int, dim: int, max_memory: int) -> IvfSizing:
+    """Lists and training sample: 64 points a list where the sample fits its share of
+    the budget, at least 39 (faiss's minimum), and fewer lists when even that does
+    not fit, so the sample always trains every centroid."""
+    nlist = nlist_for(count)
+    wanted = nlist
+    affordable = int(max_memory * TRAIN_SHARE_OF_BUDGET / (dim * 4))
+    while nlist > 16 and min(count, nlist * MIN_POINTS_PER_CENTROID) > affordable:
+        nlist //= 2
+    train = min(count, nlist * POINTS_PER_CENTROID, max(affordable, nlist * MIN_POINTS_PER_CENTROID))
+    quantizer = f"_HNSW{HNSW_M}" if nlist >= HNSW_QUANTIZER_MIN_LISTS else ""
+    reason = f"{nlist:,} lists trained on {train:,} vectors ({train // nlist} a list)"
+    if nlist < wanted:
+        reason += f"; {wanted:,} lists would need a sample over half the budget"
+    if quantizer:
+        reason += "; an HNSW graph finds the lists to probe"
+    return IvfSizing(nlist, train, quantizer, reason)
 
 
 def choose_index(count: int, dim: int, max_memory: int) -> IndexPlan:
@@ -100,33 +135,34 @@ def choose_index(count: int, dim: int, max_memory: int) -> IndexPlan:
             f"{count:,} vectors: too many for fast exact search, few enough for an HNSW graph "
             f"(fastest queries) over raw vectors, which fit the {budget}",
         )
-    nlist = nlist_for(count)
-    ivf_train = min(count, MAX_TRAIN_VECTORS, max(nlist * POINTS_PER_CENTROID, 20_000))
+    sizing = ivf_sizing(count, dim, max_memory)
+    ivf_train, lists = sizing.train_size, f"IVF{sizing.nlist}{sizing.quantizer}"
+
+    def ivf_plan(kind: str, factory: str, bytes_per_vector: float, why: str) -> IndexPlan:
+        return plan(kind, factory, bytes_per_vector, ivf_train, f"{why}; {sizing.reason}")
+
     if fits(4 * dim + ID_BYTES):
-        return plan(
+        return ivf_plan(
             "ivf_flat",
-            f"IVF{nlist},Flat",
+            f"{lists},Flat",
             4 * dim + ID_BYTES,
-            ivf_train,
             f"{count:,} vectors: too many for an HNSW graph to build quickly; the raw vectors "
             f"({format_size(raw)}) fit the {budget}: inverted lists of exact vectors",
         )
     if fits(dim + ID_BYTES):
-        return plan(
+        return ivf_plan(
             "ivf_sq8",
-            f"IVF{nlist},SQ8",
+            f"{lists},SQ8",
             dim + ID_BYTES,
-            ivf_train,
             f"{count:,} vectors: raw vectors ({format_size(raw)}) exceed the {budget}; "
             f"8-bit scalar codes ({dim} bytes a vector) keep recall close to exact",
         )
     for m in _pq_subquantizers(dim):
         if fits(m / 2 + ID_BYTES):
-            return plan(
+            return ivf_plan(
                 "ivf_pq_rflat",
-                f"IVF{nlist},PQ{m}x4fs,RFlat",
+                f"{lists},PQ{m}x4fs,RFlat",
                 m / 2 + ID_BYTES,
-                ivf_train,
                 f"{count:,} vectors: even 8-bit codes exceed the {budget}; {m // 2}-byte product codes "
                 f"in RAM find candidates and the raw vectors, memory-mapped from disk "
                 f"({format_size(raw)}), re-rank them",

@@ -75,12 +75,16 @@ def search_param_grid(plan: IndexPlan, index: faiss.Index) -> list[dict]:
         return [{"efSearch": ef} for ef in (16, 32, 64, 128, 256, 512, 1024)]
     if not is_ivf(index):
         return [{}]
-    nlist = faiss.extract_index_ivf(index).nlist
-    nprobes = [2**i for i in range(int(np.log2(nlist)) + 1)]
+    ivf = faiss.extract_index_ivf(index)
+    nprobes = [2**i for i in range(int(np.log2(ivf.nlist)) + 1)]
+    probes = [{"nprobe": p} for p in nprobes]
+    if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
+        # The graph must explore more than the lists it hands back, or it misses good ones.
+        probes = [probe | {"quantizer_efSearch": max(32, 2 * probe["nprobe"])} for probe in probes]
     if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
         # Re-ranking k * k_factor candidates: reads of raw rows, cheap next to probing.
-        return [{"nprobe": p, "k_factor_rf": k} for p in nprobes for k in (1, 4, 16, 64)]
-    return [{"nprobe": p} for p in nprobes]
+        return [probe | {"k_factor_rf": k} for probe in probes for k in (1, 4, 16, 64)]
+    return probes
 
 
 def is_ivf(index: faiss.Index) -> bool:

@@ -123,7 +123,11 @@ class Items:
 
     def __init__(self, version_dir: str):
         self._source = pa.memory_map(os.path.join(version_dir, ITEMS_FILE))
-        self.table = pa.ipc.open_file(self._source).read_all()  # zero-copy: columns point into the map
+        reader = pa.ipc.open_file(self._source)
+        # Zero-copy: every batch's columns point into the map.
+        self._batches = [reader.get_batch(number) for number in range(reader.num_record_batches)]
+        self._starts = np.cumsum([0] + [batch.num_rows for batch in self._batches])
+        self.table = pa.Table.from_batches(self._batches, schema=reader.schema)
         self._keys = np.load(os.path.join(version_dir, ID_KEYS_FILE), mmap_mode="r")
         self._rows = np.load(os.path.join(version_dir, ID_ROWS_FILE), mmap_mode="r")
         self._clusters = np.load(os.path.join(version_dir, CLUSTERS_FILE), mmap_mode="r")
@@ -160,8 +164,15 @@ class Items:
         return np.asarray(self._clusters[rows])
 
     def describe(self, rows: list[int], columns: tuple[str, ...]) -> list[dict]:
-        """The chosen columns of these rows (metadata parsed from its JSON)."""
-        taken = self.table.select(list(columns)).take(pa.array(rows, pa.int64())).to_pylist()
+        """The chosen columns of these rows (metadata parsed from its JSON). Each row is
+        taken from its own batch: a take on the whole (chunked) table would join its
+        chunks first, a copy of every row for each request."""
+        numbers = np.searchsorted(self._starts, rows, side="right") - 1
+        taken = []
+        for row, number in zip(rows, numbers, strict=True):
+            batch = self._batches[number]
+            offset = row - int(self._starts[number])
+            taken.append({name: batch.column(name)[offset].as_py() for name in columns})
         for row in taken:
             if "metadata" in row:
                 row["metadata"] = json.loads(row["metadata"]) if row["metadata"] else {}

@@ -249,20 +249,25 @@ class Searcher:
         whole: a parameters object replaces the index's settings)."""
         index = faiss.downcast_index(self.loaded.index)
         if isinstance(index, faiss.IndexRefine):
-            base = faiss.SearchParametersIVF(sel=selector, nprobe=self._nprobe(exhaustive))
             return faiss.IndexRefineSearchParameters(
-                k_factor=float(self._params.get("k_factor_rf", 1)), base_index_params=base
+                k_factor=float(self._params.get("k_factor_rf", 1)),
+                base_index_params=self._ivf(selector, exhaustive),
             )
         if isinstance(index, faiss.IndexIVF):
-            return faiss.SearchParametersIVF(sel=selector, nprobe=self._nprobe(exhaustive))
+            return self._ivf(selector, exhaustive)
         if isinstance(index, faiss.IndexHNSW):
             ef = int(self._params.get("efSearch", 16))
             return faiss.SearchParametersHNSW(sel=selector, efSearch=max(ef, 1024) if exhaustive else ef)
         return faiss.SearchParameters(sel=selector)
 
-    def _nprobe(self, exhaustive: bool) -> int:
+    def _ivf(self, selector, exhaustive: bool):
         nlist = faiss.extract_index_ivf(self.loaded.index).nlist
-        return nlist if exhaustive else int(self._params.get("nprobe", 1))
+        nprobe = nlist if exhaustive else int(self._params.get("nprobe", 1))
+        parameters = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        if "quantizer_efSearch" in self._params:  # an HNSW graph finds the lists
+            ef = max(int(self._params["quantizer_efSearch"]), 2 * nprobe)
+            parameters.quantizer_params = faiss.SearchParametersHNSW(efSearch=ef)
+        return parameters
 
     def _hits(self, scores: np.ndarray, found: np.ndarray, k: int, collapse: bool) -> list[dict]:
         valid = found >= 0

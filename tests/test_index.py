@@ -90,11 +90,10 @@ def test_index_from_the_embed_output(photo_dir, tiny_model_dir, tmp_path, capsys
     assert manifest["model"]["name"] == "tiny_mobilenet_64"
     assert (manifest["dimension"], manifest["metric"], manifest["count"]) == (256, "cosine", 6)
     assert manifest["preprocessing"]["resize"] == "crop"
-    ids = pq.read_table(live(index_dir) / store.IDS_FILE)
     rows = pq.read_table(str(embeddings / "tiny_mobilenet_64")).to_pylist()
     by_id = {row["id"]: row for row in rows}
     loaded = store.load(str(index_dir))
-    for faiss_id, image_id in enumerate(ids.column("id").to_pylist()):
+    for faiss_id, image_id in enumerate(loaded.items.table.column("id").to_pylist()):
         vector = prepare(np.array([by_id[image_id]["embedding"]]), Metric.COSINE)
         assert loaded.index.search(vector, 1)[1][0, 0] == faiss_id
 
@@ -175,7 +174,7 @@ def test_incremental_add_keeps_training_and_flags_drift(tmp_path):
     report = add_to_index(str(index_dir), [str(tmp_path / "later")], config)
     assert report["added"] == 10_000 and not report["retrain_advised"]
     loaded = store.load(str(index_dir))
-    assert loaded.count == loaded.manifest["count"] == 40_000 == loaded.ids.num_rows
+    assert loaded.count == loaded.manifest["count"] == 40_000 == len(loaded.items)
     np.testing.assert_array_equal(
         faiss.extract_index_ivf(loaded.index).quantizer.reconstruct_n(0, 64), centroids_before
     )
@@ -261,3 +260,31 @@ def test_existing_index_is_not_replaced_without_overwrite(tmp_path, capsys):
     assert command.main(argv) == 0
     assert command.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
     assert command.main(argv + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "Flat"])
+def test_near_duplicates_found_list_by_list_are_the_pairs_exact_search_finds(tmp_path, factory):
+    from fixtures.synthetic_vectors import with_near_copies
+
+    vectors = with_near_copies(StructuredVectors(64, seed=4).chunk(0, 20_000), 0.03, seed=4)
+    write_embeddings(str(tmp_path / "emb"), vectors)
+    config = IndexConfig(factory=factory, dedup_threshold=0.97)
+    report = build(EmbeddingSource(str(tmp_path / "emb")), str(tmp_path / "index"), config)
+
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    exact = faiss.IndexFlatIP(64)
+    exact.add(unit)
+    lims, _, found = exact.range_search(unit, 0.97)
+    rows = np.repeat(np.arange(len(unit)), np.diff(lims).astype(np.int64))
+    pairs = rows != found
+    cluster_of = store.load(str(tmp_path / "index")).items.clusters(np.arange(len(unit)))
+    together = cluster_of[rows[pairs]] == cluster_of[found[pairs]]
+    assert pairs.sum() > 500  # the near copies, and copies of copies
+    assert together.mean() >= 0.98, together.mean()
+    # Every row in a cluster has a partner above the threshold (or an exact copy).
+    clustered = np.flatnonzero(np.bincount(cluster_of, minlength=len(unit))[cluster_of] > 1)
+    has_partner = np.zeros(len(unit), bool)
+    has_partner[rows[pairs]] = True
+    assert has_partner[clustered].all()
+    summary = report["duplicates"]
+    assert summary["pairs_checked"] > 10 and summary["pair_recall"] >= 0.95, summary

@@ -177,3 +177,35 @@ def test_pca_report_on_the_imagenet_subset(imagenet_dir, tmp_path):
     assert report["after"]["index_bytes"] < report["before"]["index_bytes"] / 3
     assert 0.5 < report["after"]["recall@10"] <= 1.0 and report["before"]["recall@10"] >= 0.95
     assert EmbeddingSource(folder).count == 1300
+
+
+@pytest.mark.parametrize("options", [TransformOptions(dims=16), TransformOptions()], ids=["dims16", "center"])
+def test_add_through_the_transform_recalls_the_new_rows_as_a_rebuild_does(tmp_path, options):
+    from imgembed.index.build import IndexConfig, _query_sets, add_to_index, build
+    from imgembed.index.evaluate import recall
+
+    write_synthetic_embeddings(str(tmp_path / "all"), count=8000, dim=48, files=4, seed=3)
+    first = tmp_path / "first"
+    first.mkdir()
+    for path in sorted(glob.glob(str(tmp_path / "all" / "*.parquet")))[:3]:
+        os.symlink(path, first / os.path.basename(path))
+    later = tmp_path / "later"
+    later.mkdir()
+    os.symlink(sorted(glob.glob(str(tmp_path / "all" / "*.parquet")))[3], later / "embeddings-00003.parquet")
+    config = IndexConfig(factory="IVF32,Flat", transform=options, compare_raw=False, beam_args=IN_PROCESS)
+
+    build(EmbeddingSource(str(first)), str(tmp_path / "added"), config)
+    report = add_to_index(str(tmp_path / "added"), [str(later)], config)
+    assert report["added"] == 2000
+
+    build(EmbeddingSource(str(tmp_path / "all")), str(tmp_path / "rebuilt"), config)
+    rebuilt = store.load(str(tmp_path / "rebuilt"))
+    rebuilt.index.nprobe = store.load(str(tmp_path / "added")).index.nprobe
+    # The same queries among the new rows (ids 6000 on), in the rebuilt index's space.
+    transformed = EmbeddingSource(str(tmp_path / "all")).with_transform(rebuilt.transform())
+    new_rows = EmbeddingSource(str(later), first_id=6000).with_transform(rebuilt.transform())
+    _, queries, _ = _query_sets(transformed, config, among=new_rows)
+    rebuilt_recall = recall(rebuilt.index, queries, 10)
+    assert report["recall@10_on_new_rows"] >= rebuilt_recall - 0.02, (report, rebuilt_recall)
+    assert report["recall@10_on_new_rows"] > 0.9
+    assert not report["retrain_advised"], report["why"]
