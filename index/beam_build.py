@@ -1,5 +1,8 @@
 """Distributed add on Beam: each embedding file is added to its own empty copy of
-the trained index on some worker, and the launcher merges the shards in id order.
+the trained index on some worker, and the launcher merges the shards in id order:
+into inverted lists on disk (``index.ivfdata``) for IVF,Flat and IVF,SQ8, so the
+merged index need not fit in its RAM; in memory for the compact PQ kinds, whose
+raw re-ranking vectors go to disk instead.
 
 The trained index and the shards travel through Beam's FileSystems, so the same
 code runs on the local multi-process runner and on Dataflow (with a gs:// temp
@@ -13,20 +16,31 @@ and Flat and HNSW are only chosen for corpora that one machine handles.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import uuid
 
 import apache_beam as beam
 import faiss
+import faiss.contrib.ondisk
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from imgembed.common import storage
+from imgembed.index import store
 from imgembed.index.build import add_locally
-from imgembed.index.faiss_index import add_vectors, is_ivf, merge_shard
+from imgembed.index.faiss_index import (
+    add_vectors,
+    can_have_on_disk_lists,
+    exact_assignment,
+    is_ivf,
+    merge_shard,
+    native_stdout_silenced,
+)
 from imgembed.index.reader import EmbeddingFile, EmbeddingSource
+from imgembed.index.refine_file import RefineVectors
 from imgembed.index.vectors import Metric, prepare
 
 _log = logging.getLogger(__name__)
@@ -65,15 +79,39 @@ class AddFileToShard(beam.DoFn):
     def process(self, file: EmbeddingFile):
         shard = faiss.clone_index(self._empty)
         source = EmbeddingSource.from_files([file]).with_transform(self._transform)
-        for first_id, vectors in source.vector_batches():
-            add_vectors(shard, prepare(vectors, self._metric, file.path), first_id, base_id=file.first_id)
+        with exact_assignment(shard):
+            for first_id, vectors in source.vector_batches():
+                add_vectors(shard, prepare(vectors, self._metric, file.path), first_id, base_id=file.first_id)
         self._vectors.inc(shard.ntotal)
         _write_index(shard, shard_path(self._temp_dir, file))
         yield shard_path(self._temp_dir, file)
 
 
+def merge_on_disk(index: faiss.Index, shards: list[str], lists_path: str) -> None:
+    """Merges the shards' inverted lists into one file on disk (faiss
+    OnDiskInvertedLists), read a shard at a time through memory maps, so the merged
+    index never has to fit in this machine's RAM; ``index`` (trained, empty) then
+    points at ``lists_path``."""
+    with tempfile.TemporaryDirectory(prefix="imgembed-shards-") as local:
+        names = []
+        for number, shard in enumerate(shards):
+            if storage.is_local(shard):
+                names.append(shard)
+            else:  # faiss maps files of this machine: one shard (one embedding file) at a time
+                names.append(os.path.join(local, f"shard-{number}.faiss"))
+                with open(names[-1], "wb") as copy:
+                    copy.write(storage.read_bytes(shard))
+        with native_stdout_silenced():
+            faiss.contrib.ondisk.merge_ondisk(index, names, lists_path)
+
+
 def add_with_beam(
-    index: faiss.Index, source: EmbeddingSource, metric: Metric, pipeline_args: list[str] | None = None
+    index: faiss.Index,
+    source: EmbeddingSource,
+    metric: Metric,
+    refine: RefineVectors | None = None,
+    folder: str | None = None,
+    pipeline_args: list[str] | None = None,
 ) -> None:
     """Adds every row of ``source`` to the trained ``index`` (empty or not) with a Beam job.
     The trained index and the shards go through Beam's ``--temp_location`` when one is
@@ -83,7 +121,7 @@ def add_with_beam(
         _log.warning(
             "%s indexes cannot be merged; adding in this process", type(faiss.downcast_index(index)).__name__
         )
-        add_locally(index, source, metric)
+        add_locally(index, source, metric, refine, folder)
         return
     options = PipelineOptions(pipeline_args or [])
     temp_location = options.view_as(GoogleCloudOptions).temp_location
@@ -102,8 +140,12 @@ def add_with_beam(
             | "Spread" >> beam.Reshuffle()
             | "AddToShards" >> beam.ParDo(AddFileToShard(empty_path, temp_dir, metric, transform_dir))
         )
-    for file in source.files:  # id order: refine codes are positional
-        merge_shard(index, _read_index(shard_path(temp_dir, file)))
+    shards = [shard_path(temp_dir, file) for file in source.files]  # id order: refine codes are positional
+    if folder is not None and index.ntotal == 0 and can_have_on_disk_lists(index):
+        merge_on_disk(index, shards, os.path.join(folder, store.ON_DISK_LISTS_FILE))
+    else:
+        for shard in shards:
+            merge_shard(index, _read_index(shard), refine)
     storage.delete_folder(temp_dir)
     if local_temp:
         shutil.rmtree(local_temp, ignore_errors=True)

@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -23,12 +24,24 @@ import pyarrow.compute as pc
 
 from imgembed import __version__
 from imgembed.common import progress, storage
-from imgembed.index import items, store
-from imgembed.index.choose import IndexPlan, choose_index, ivf_sizing, kind_of_factory
+from imgembed.index import items, mapped_pages, store
+from imgembed.index.choose import IndexPlan, choose_index, fallback, ivf_sizing, kind_of_factory
 from imgembed.index.duplicates import write_duplicates
 from imgembed.index.evaluate import QuerySet, exact_neighbours, latency, recall, recall_report, tune
-from imgembed.index.faiss_index import add_vectors, is_ivf, new_index, search_param_grid, set_search_params
+from imgembed.index.faiss_index import (
+    KMEANS_ITERATIONS,
+    add_vectors,
+    exact_assignment,
+    has_on_disk_lists,
+    is_ivf,
+    native_stdout_silenced,
+    new_index,
+    search_param_grid,
+    set_search_params,
+    train_index,
+)
 from imgembed.index.reader import EmbeddingSource
+from imgembed.index.refine_file import RefineVectors
 from imgembed.index.vectors import IndexInputError, Metric, prepare
 from imgembed.transforms.embedding_transform import TransformOptions
 
@@ -40,8 +53,10 @@ TUNING_MARGIN = 0.01
 # Recall on new queries this far below the build's measurement advises a retrain.
 RETRAIN_DRIFT = 0.02
 
-# add(index, source, metric): fills a trained index with every row of source.
-AddFunction = Callable[[faiss.Index, EmbeddingSource, Metric], None]
+# add(index, source, metric, refine, folder): fills a trained index with every row
+# of source (an IndexRefine's raw vectors into refine, on disk, when it is given;
+# what else may go to disk, into folder, when it is given).
+AddFunction = Callable[[faiss.Index, EmbeddingSource, Metric, RefineVectors | None, str | None], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +83,37 @@ class IndexConfig:
             )
 
 
-def add_locally(index: faiss.Index, source: EmbeddingSource, metric: Metric) -> None:
+def add_locally(
+    index: faiss.Index,
+    source: EmbeddingSource,
+    metric: Metric,
+    refine: RefineVectors | None = None,
+    folder: str | None = None,
+) -> None:
     for first_id, vectors in source.vector_batches():
-        add_vectors(index, prepare(vectors, metric, f"embeddings from id {first_id}"), first_id)
+        add_vectors(
+            index, prepare(vectors, metric, f"embeddings from id {first_id}"), first_id, refine=refine
+        )
+
+
+def filled(index: faiss.Index, source: EmbeddingSource, config: IndexConfig, add: AddFunction, folder: str):
+    """``index`` with every row of ``source`` added, and the path of its file when
+    it was written on the way: an IndexRefineFlat's raw vectors go to disk as they
+    are added, and it comes back read from ``folder``, vectors memory-mapped."""
+    concrete = faiss.downcast_index(index)
+    if not isinstance(concrete, faiss.IndexRefine):
+        with exact_assignment(index):
+            add(index, source, config.metric, None, folder)
+        if has_on_disk_lists(index):
+            mapped_pages.watch(store.path(folder, store.ON_DISK_LISTS_FILE))
+        return index, None
+    refine = RefineVectors(index, folder)
+    with exact_assignment(index):
+        add(index, source, config.metric, refine, None)
+    path = store.path(folder, store.INDEX_FILE)
+    refine.write_index(concrete.base_index, concrete.k_factor, path)
+    mapped_pages.watch(path)
+    return faiss.read_index(path, store.MAPPED), path
 
 
 def plan_for(source: EmbeddingSource, config: IndexConfig) -> IndexPlan:
@@ -84,13 +127,19 @@ def plan_for(source: EmbeddingSource, config: IndexConfig) -> IndexPlan:
     return IndexPlan(kind, config.factory, 0, train, f"--index-type {config.factory} given")
 
 
-def train(plan: IndexPlan, source: EmbeddingSource, config: IndexConfig) -> faiss.Index:
-    """An empty index of the plan's type, trained on a uniform sample of the corpus."""
+def train(plan: IndexPlan, source: EmbeddingSource, config: IndexConfig, phase=None) -> faiss.Index:
+    """An empty index of the plan's type, trained on a uniform sample of the corpus;
+    ``phase`` advances per k-means iteration (see ``train_steps``)."""
     index = new_index(plan, source.dim, config.metric)
     if plan.needs_training:
         sample_ids = source.sample_ids(plan.train_size, np.random.default_rng(config.seed))
-        index.train(prepare(source.take(sample_ids), config.metric, "training sample"))
+        sample = prepare(source.take(sample_ids), config.metric, "training sample")
+        train_index(index, sample, config.seed, phase)
     return index
+
+
+def train_steps(plan: IndexPlan) -> int | None:
+    return KMEANS_ITERATIONS + 1 if plan.is_ivf and plan.needs_training else None
 
 
 def _query_sets(source: EmbeddingSource, config: IndexConfig, among: EmbeddingSource | None = None):
@@ -148,23 +197,34 @@ class FittedIndex:
     search_params: dict
     report: dict
     eval_set: QuerySet | None
+    path: str | None  # its file, when it was written while it was filled
+    query_sets: tuple | None  # (tune, evaluate, same set) with their exact neighbours
 
 
-def fit(source: EmbeddingSource, config: IndexConfig, add: AddFunction, clock: _Phases) -> FittedIndex:
-    """Choose, train, add, then tune and measure on held-out queries."""
-    plan = plan_for(source, config)
-    clock.begin("train", plan.train_size or None)
-    index = train(plan, source, config)
-    add(index, source.reporting(clock.begin("add", source.count)), config.metric)
+def fit(
+    source: EmbeddingSource,
+    config: IndexConfig,
+    add: AddFunction,
+    clock: _Phases,
+    folder: str,
+    plan: IndexPlan | None = None,
+    query_sets: tuple | None = None,
+) -> FittedIndex:
+    """Choose (unless ``plan`` is given), train, add, then tune and measure on
+    held-out queries (``query_sets``: those of an earlier fit of the same source);
+    ``folder`` takes what does not stay in RAM."""
+    plan = plan or plan_for(source, config)
+    index = train(plan, source, config, clock.begin("train", train_steps(plan), "steps"))
+    index, path = filled(index, source.reporting(clock.begin("add", source.count)), config, add, folder)
     clock.end()
     report = {"index": dataclasses.asdict(plan), "count": source.count, "dimension": source.dim}
     if source.count < 2:
         report |= {"recall": {}, "meets_target": True, "note": "one vector: nothing to measure"}
-        return FittedIndex(plan, index, {}, report, None)
+        return FittedIndex(plan, index, {}, report, None, path, None)
     k = min(RECALL_K, source.count - 1)  # a tiny corpus has fewer than 10 neighbours
-    tune_set, eval_set, shared = _query_sets(
-        source.reporting(clock.begin("exact_search", source.count)), config
-    )
+    if query_sets is None:
+        query_sets = _query_sets(source.reporting(clock.begin("exact_search", source.count)), config)
+    tune_set, eval_set, shared = query_sets
     target = min(1.0, config.recall_target + TUNING_MARGIN)
     grid = search_param_grid(plan, index)
     clock.begin("tune", len(grid), "settings")
@@ -178,7 +238,38 @@ def fit(source: EmbeddingSource, config: IndexConfig, add: AddFunction, clock: _
     }
     report["meets_target"] = bool(met and report["recall"][f"recall@{k}"] >= config.recall_target)
     clock.end()
-    return FittedIndex(plan, index, params, report, eval_set)
+    return FittedIndex(plan, index, params, report, eval_set, path, query_sets)
+
+
+def fit_or_fall_back(
+    source: EmbeddingSource, config: IndexConfig, add: AddFunction, clock: _Phases, folder: str
+) -> FittedIndex:
+    """The chosen kind, or when it misses the recall target the next kinds that fit
+    the budget (index/choose.py ``fallback``), until one meets it; else the best.
+    The report lists every kind tried."""
+    fitted = fit(source, config, add, clock, folder)
+    tried = []
+    while not fitted.report["meets_target"] and config.factory is None:
+        next_plan = fallback(fitted.plan, source.count, source.dim, config.max_memory)
+        if next_plan is None:
+            break
+        k = min(RECALL_K, source.count - 1)
+        tried.append(
+            {
+                "kind": fitted.plan.kind,
+                "factory": fitted.plan.factory,
+                f"recall@{k}": fitted.report["recall"][f"recall@{k}"],
+            }
+        )
+        _log.info("%s missed the recall target; trying %s", fitted.plan.factory, next_plan.factory)
+        candidate = fit(source, config, add, clock, folder, next_plan, fitted.query_sets)
+        if candidate.report["recall"][f"recall@{k}"] >= fitted.report["recall"][f"recall@{k}"]:
+            fitted = candidate
+        else:
+            break
+    if tried:
+        fitted.report["tried"] = tried
+    return fitted
 
 
 def build(
@@ -199,14 +290,15 @@ def build(
         clock.begin("transform_analysis", raw.count)
         source, transform_info = attach_transform(raw, local, config)
         clock.end()
-    fitted = fit(source, config, add, clock)
+    fitted = fit_or_fall_back(source, config, add, clock, local)
     report = fitted.report | {
         "recall_target": config.recall_target,
         "search_params": fitted.search_params,
         "metric": config.metric.value,
     }
     clock.begin("write", source.count)
-    faiss.write_index(fitted.index, store.path(local, store.INDEX_FILE))
+    if fitted.path is None:
+        faiss.write_index(fitted.index, store.path(local, store.INDEX_FILE))
     filter_fields = items.write_items([source], local)
     clock.end()
     manifest = {
@@ -220,7 +312,8 @@ def build(
         "metric": config.metric.value,
         "transform": transform_info,
         "count": source.count,
-        "index": {"kind": fitted.plan.kind, "factory": fitted.plan.factory},
+        "index": {"kind": fitted.plan.kind, "factory": fitted.plan.factory}
+        | ({"lists": store.ON_DISK} if has_on_disk_lists(fitted.index) else {}),
         "search_params": fitted.search_params,
         "recall_at_build": report["recall"],
         "parts": [_part(source)],
@@ -281,7 +374,12 @@ def compare_with_raw(
     transformed index ("after") and an index of the raw vectors built the same
     way under the same budget ("before")."""
     raw_config = dataclasses.replace(config, transform=None)
-    raw_fit = fit(raw, raw_config, add_locally, _Phases("raw-vector index"))
+    folder = tempfile.mkdtemp(prefix="imgembed-raw-index-")
+    raw_fit = fit(raw, raw_config, add_locally, _Phases("raw-vector index"), folder)
+    raw_bytes = (
+        os.path.getsize(raw_fit.path) if raw_fit.path else int(faiss.serialize_index(raw_fit.index).nbytes)
+    )
+    shutil.rmtree(folder, ignore_errors=True)  # a mapped file stays readable until unmapped
     k = min(RECALL_K, raw.count - 1)
     truth = raw_fit.eval_set  # exact neighbours in the raw space
     seen_through_transform = dataclasses.replace(
@@ -291,7 +389,7 @@ def compare_with_raw(
         "before": {
             "index": raw_fit.plan.factory,
             "dimension": raw.raw_dim,
-            "index_bytes": int(faiss.serialize_index(raw_fit.index).nbytes),
+            "index_bytes": raw_bytes,
             f"recall@{k}": round(recall(raw_fit.index, truth, k), 4),
         },
         "after": {
@@ -324,22 +422,24 @@ def add_to_index(
         return report
     _check_compatible(manifest, new, loaded.items.table.column("id"))
 
+    version = store.NewVersion.start(index_dir)
+    local = version.local_dir
     before = _imbalance(loaded.index)
-    add(loaded.index, new, metric)
+    index, written = _extended(loaded, new, config, add, local)
     combined_raw = EmbeddingSource.from_files(
         [file for part in manifest["parts"] for file in part["files"]]
         + [dataclasses.asdict(f) for f in new.files]
     )
     combined = combined_raw.with_transform(transform)
     _, queries, _ = _query_sets(combined, config, among=new)
-    new_recall = recall(loaded.index, queries, min(RECALL_K, combined.count - 1))
+    new_recall = recall(index, queries, min(RECALL_K, combined.count - 1))
     at_build = manifest["recall_at_build"].get(f"recall@{RECALL_K}", 1.0)
     drift = at_build - new_recall
     advise = new_recall < config.recall_target or drift > RETRAIN_DRIFT
     report |= {
         f"recall@{RECALL_K}_on_new_rows": round(new_recall, 4),
         f"recall@{RECALL_K}_at_build": at_build,
-        "imbalance_factor": {"before": before, "after": _imbalance(loaded.index)},
+        "imbalance_factor": {"before": before, "after": _imbalance(index)},
         "retrain_advised": advise,
         "why": (
             f"recall@{RECALL_K} on queries among the new rows is {new_recall:.3f} "
@@ -347,24 +447,61 @@ def add_to_index(
             + ("the trained quantiser no longer fits the data; rebuild the index" if advise else "no drift")
         ),
     }
-    version = store.NewVersion.start(index_dir)
-    local = version.local_dir
     if manifest.get("transform"):
         shutil.copytree(
             store.path(loaded.directory, store.TRANSFORM_DIR), store.path(local, store.TRANSFORM_DIR)
         )
-    faiss.write_index(loaded.index, store.path(local, store.INDEX_FILE))
+    if written is None:
+        faiss.write_index(index, store.path(local, store.INDEX_FILE))
     manifest |= items.write_items(loaded.sources() + [new], local)
     manifest["parts"].append(_part(new))
-    manifest["count"] = int(loaded.index.ntotal)
+    manifest["count"] = int(index.ntotal)
     store.write_json(local, store.MANIFEST_FILE, manifest)
-    report["duplicates"] = _duplicates(local, loaded.index, combined, config)
+    report["duplicates"] = _duplicates(local, index, combined, config)
     full_report = store.read_json(loaded.directory, store.REPORT_FILE)
     full_report.setdefault("additions", []).append(report)
     full_report["version"] = version.name
     store.write_json(local, store.REPORT_FILE, full_report)
     version.publish()
     return report
+
+
+def _extended(
+    loaded: store.LoadedIndex, new: EmbeddingSource, config: IndexConfig, add: AddFunction, folder: str
+):
+    """The loaded index with the rows of ``new`` added, and its file when it was
+    written on the way: an ivf_pq_rflat index is read memory-mapped, so its base
+    is copied into RAM to grow and its raw vectors carried over on disk."""
+    concrete = faiss.downcast_index(loaded.index)
+    if has_on_disk_lists(loaded.index):  # read-only: grow a copy of its lists in the new version
+        for name in (store.INDEX_FILE, store.ON_DISK_LISTS_FILE):
+            shutil.copy(store.path(loaded.directory, name), store.path(folder, name))
+        with native_stdout_silenced():
+            index = faiss.read_index(store.path(folder, store.INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        set_search_params(index, loaded.manifest["search_params"])
+        with exact_assignment(index):
+            add(index, new, config.metric, None, None)
+        return index, None
+    if not isinstance(concrete, faiss.IndexRefine):
+        with exact_assignment(loaded.index):
+            add(loaded.index, new, config.metric, None, None)
+        return loaded.index, None
+    base = faiss.clone_index(concrete.base_index)
+    # A refine part that only counts: the raw vectors are in the refine file.
+    placeholder = faiss.IndexFlat(base.d, base.metric_type)
+    placeholder.ntotal = base.ntotal
+    growing = faiss.IndexRefine(base, placeholder)
+    refine = RefineVectors(growing, folder)
+    refine.append_from(store.path(loaded.directory, store.INDEX_FILE), loaded.count)
+    growing.ntotal = refine.ntotal
+    with exact_assignment(growing):
+        add(growing, new, config.metric, refine, None)
+    path = store.path(folder, store.INDEX_FILE)
+    refine.write_index(base, concrete.k_factor, path)
+    mapped_pages.watch(path)
+    index = faiss.read_index(path, store.MAPPED)
+    set_search_params(index, loaded.manifest["search_params"])
+    return index, path
 
 
 def _part(source: EmbeddingSource) -> dict:
@@ -408,6 +545,7 @@ def _duplicates(
     # The threshold is a cosine: for an l2 index, exact copies only.
     threshold = config.dedup_threshold if config.metric is Metric.COSINE else None
     path = store.path(version_dir, store.DUPLICATES_FILE)
-    summary, cluster_of = write_duplicates(index, indexed, table, threshold, path, truth, phase)
+    index_path = store.path(version_dir, store.INDEX_FILE)
+    summary, cluster_of = write_duplicates(index, indexed, table, threshold, path, index_path, truth, phase)
     items.write_clusters(version_dir, cluster_of)
     return summary

@@ -11,6 +11,9 @@ From the most exact to the most compressed, the first kind that fits wins:
 | ivf_sq8 | ``IVF{nlist},SQ8`` | d + 8 | 8-bit codes fit: recall ~0.98 with enough lists probed |
 | ivf_pq_rflat | ``IVF{nlist},PQ{m}x4fs,RFlat`` | m/2 + 8 | 4-bit product codes in RAM find candidates; the raw vectors stay on disk (memory-mapped) and re-rank them |
 
+When the chosen kind misses the recall target, ``fallback`` names the next to try
+(``ivf_sq8`` -> ``ivf_sq8_rflat``: the same codes, re-ranked from disk).
+
 >>> choose_index(100_000, 256, parse_size("50M")).kind
 'ivf_sq8'
 """
@@ -65,7 +68,12 @@ def kind_of_factory(factory: str) -> str:
     if factory.startswith("HNSW"):
         return "hnsw"
     if factory.startswith("IVF"):
-        for suffix, kind in ((",Flat", "ivf_flat"), (",SQ8", "ivf_sq8"), ("fs,RFlat", "ivf_pq_rflat")):
+        for suffix, kind in (
+            (",Flat", "ivf_flat"),
+            (",SQ8", "ivf_sq8"),
+            (",SQ8,RFlat", "ivf_sq8_rflat"),
+            ("fs,RFlat", "ivf_pq_rflat"),
+        ):
             if factory.endswith(suffix):
                 return kind
         return "ivf_custom"
@@ -172,6 +180,34 @@ def choose_index(count: int, dim: int, max_memory: int) -> IndexPlan:
         f"--max-memory {max_memory:,} bytes cannot hold {count:,} vectors in any index; "
         f"at least {need / 1e6:,.0f} MB is needed"
     )
+
+
+def fallback(plan: IndexPlan, count: int, dim: int, max_memory: int) -> IndexPlan | None:
+    """The kind to try when ``plan`` missed the recall target under its budget, or
+    None. IVF,Flat and the re-ranked kinds reach exact search at their last
+    setting (every list probed, raw vectors re-ranking), so only approximate
+    distances can miss: SQ8 codes between near-ties are re-ranked with the raw
+    vectors from disk at no RAM cost, and an HNSW graph gives way to exact lists."""
+    sizing = ivf_sizing(count, dim, max_memory)
+    lists = f"IVF{sizing.nlist}{sizing.quantizer}"
+    if plan.kind == "ivf_sq8":
+        return IndexPlan(
+            "ivf_sq8_rflat",
+            f"{lists},SQ8,RFlat",
+            plan.estimated_bytes,
+            sizing.train_size,
+            "ivf_sq8 missed the recall target: the same 8-bit codes in RAM find candidates and the raw "
+            "vectors, memory-mapped from disk, re-rank them",
+        )
+    if plan.kind == "hnsw" and count * (4 * dim + ID_BYTES) * OVERHEAD <= max_memory:
+        return IndexPlan(
+            "ivf_flat",
+            f"{lists},Flat",
+            int(count * (4 * dim + ID_BYTES) * OVERHEAD),
+            sizing.train_size,
+            f"hnsw missed the recall target: inverted lists of exact vectors; {sizing.reason}",
+        )
+    return None
 
 
 def _pq_subquantizers(dim: int) -> list[int]:

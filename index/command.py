@@ -98,6 +98,10 @@ def describe(report: dict, index_dir: str) -> str:
         [
             f"Index: {plan['kind']} ({plan['factory']})",
             f"  why: {plan['reason']}",
+            *(
+                f"  tried first: {tried['kind']} ({tried['factory']}), recall@{k} {tried[f'recall@{k}']:.3f}"
+                for tried in report.get("tried", [])
+            ),
             f"  {report['count']:,} vectors x {report['dimension']}-d, {report['metric']}; "
             f"{format_size(report['index_bytes'])} on disk, about "
             f"{format_size(plan['estimated_bytes'] or report['index_bytes'])} in RAM when loaded",
@@ -110,7 +114,12 @@ def describe(report: dict, index_dir: str) -> str:
             ),
             f"  duplicates: {duplicates['clusters']} clusters, {duplicates['rows_in_clusters']} rows "
             f"(near-duplicate threshold {duplicates['near_duplicate_threshold']}), "
-            f"{duplicates['exact_duplicate_rows']} rows with an exact copy",
+            f"{duplicates['exact_duplicate_rows']} rows with an exact copy"
+            + (
+                f"; {duplicates['pair_recall']:.3f} of {duplicates['pairs_checked']} true pairs of sample rows found"
+                if duplicates.get("pair_recall") is not None
+                else ""
+            ),
             *transform_lines,
             f"  written to {index_dir}/ ({store.REPORT_FILE} has the details)",
         ]
@@ -157,4 +166,6 @@ def main(argv: list[str]) -> int:
         print(f"imgembed index: {error}", file=sys.stderr)
         return 2
     print(describe(report, args.output))
-    return 0
+    # A build that missed its recall target with every kind it tried is a failure;
+    # an add that advises a retrain still added its rows.
+    return 0 if report.get("meets_target", True) else 1

@@ -9,19 +9,22 @@ absent is its own cluster.
 
 Comparing every row with every other costs n^2, and one ANN query per row was
 most of a 5M-vector build. Near copies are far closer to each other than to the
-centroids between them, so they fall in the same inverted list: rows are compared
-exactly, list by list (the index's own lists for IVF indexes, a k-means of
-sqrt(n) lists made for this pass otherwise). One streaming pass over the
-embeddings sorts rows into bucket files of whole lists on local disk (bounded
-memory); each bucket is then read back and every list's similarity matrix gives
-its pairs. A pair split across two lists is missed: ``pair_recall`` in the report
-is the share of true pairs (exact search, sample rows) that ended in one cluster.
+centroids between them, so they share an inverted list, or lie near the border
+with the next one: each row is compared exactly with the rows of its own list and
+of the neighbouring list closest to it (the index's own lists when it is an IVF
+index over raw vectors; a k-means of sqrt(n) lists of the raw vectors otherwise).
+The raw unit vectors are read by id from one file of this machine, memory-mapped
+with its pages given back as it goes: the re-ranking vectors inside index.faiss
+for ``*_rflat`` indexes (no extra pass), else a file written by one streaming
+pass. ``pair_recall`` in the report is the share of true pairs (exact search,
+sample rows) that ended in one cluster.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 import os
 import tempfile
 
@@ -38,8 +41,12 @@ from imgembed.index.faiss_index import is_ivf
 from imgembed.index.reader import EmbeddingSource
 from imgembed.index.vectors import Metric, prepare
 
-# A bucket file holds whole lists of about this many bytes of vectors.
-BUCKET_BYTES = 128 * 2**20
+# Lists compared between two givebacks of the pages read. The kernel maps up to
+# 64 KB around each faulted row (fault-around; MADV_RANDOM did not stop it), so
+# 64 lists of 610 rows let RssFile reach 3.4 GB on 5M x 256; 8 bound it near 300 MB.
+RELEASE_EVERY_LISTS = 8
+# Rows assigned to k-means lists at a time.
+ASSIGN_ROWS = 65536
 # Rows of one similarity block: 2048 x a list of 50k rows is 400 MB at most.
 BLOCK_ROWS = 2048
 # The lists next to a row's own among which the one it also visits is found: at 141
@@ -79,7 +86,7 @@ class CoarseLists:
     """A partition of the rows: unit centroids, each row's list, and each list's
     nearest other lists (where a row near its list's edge has its other neighbours)."""
 
-    centroids: np.ndarray  # [lists, d] in the space the rows were assigned in
+    centroids: np.ndarray  # [lists, d]
     list_of: np.ndarray  # [n] int32
     neighbours: np.ndarray  # [lists, NEIGHBOUR_LISTS] int64, -1 where fewer
 
@@ -91,12 +98,20 @@ class CoarseLists:
         _, nearest = search.search(centroids, min(NEIGHBOUR_LISTS + 1, len(centroids)))
         return cls(centroids, list_of, without_self(nearest, np.arange(len(centroids)), nearest.shape[1] - 1))
 
+    def members(self):
+        """(list number, its rows in id order) for every list that has rows."""
+        order = np.argsort(self.list_of, kind="stable")
+        bounds = np.r_[0, np.cumsum(np.bincount(self.list_of, minlength=len(self.centroids)))]
+        for number in range(len(self.centroids)):
+            if bounds[number + 1] > bounds[number]:
+                yield number, order[bounds[number] : bounds[number + 1]]
+
     def other_list(self, number: int, vectors: np.ndarray, radius: float) -> np.ndarray:
-        """For unit ``vectors`` of list ``number`` (in the centroids' space), the
-        neighbouring list that may hold a partner within ``radius`` of each, or -1.
-        A partner y of x lies in list b rather than x's list a only if
-        y.(c_b - c_a) > 0; y within ``radius`` of x needs x.(c_a - c_b) <= radius
-        |c_a - c_b|. Of those lists the closest is taken, as a second probe would."""
+        """For unit ``vectors`` of list ``number``, the neighbouring list that may
+        hold a partner within ``radius`` of each, or -1. A partner y of x lies in
+        list b rather than x's list a only if y.(c_b - c_a) > 0; y within ``radius``
+        of x needs x.(c_a - c_b) <= radius |c_a - c_b|. Of those lists the closest
+        is taken, as a second probe would."""
         nearby = self.neighbours[number]
         nearby = nearby[nearby >= 0]
         if not len(nearby):
@@ -123,73 +138,73 @@ def ivf_lists(index: faiss.Index, count: int) -> CoarseLists:
     return CoarseLists.from_centroids(ivf.quantizer.reconstruct_n(0, ivf.nlist), list_of)
 
 
-def kmeans_lists(source: EmbeddingSource, seed: int) -> CoarseLists:
+def kmeans_lists(vectors: UnitVectors, seed: int) -> CoarseLists:
     """A k-means of about sqrt(n) lists of the raw vectors: the assignment and the
     comparisons then cost about the same, n^1.5 d each."""
-    lists = max(1, min(int(math.sqrt(source.count)), source.count // 39))
-    sample = source.take(source.sample_ids(lists * 64, np.random.default_rng(seed)))
-    kmeans = faiss.Kmeans(source.raw_dim, lists, niter=10, seed=seed, spherical=True)
-    kmeans.train(prepare(sample, Metric.COSINE))
-    list_of = np.empty(source.count, np.int32)
-    for first_id, vectors in source.vector_batches():
-        _, nearest = kmeans.index.search(prepare(vectors, Metric.COSINE), 1)
-        list_of[first_id : first_id + len(vectors)] = nearest[:, 0]
+    count = len(vectors)
+    lists = max(1, min(int(math.sqrt(count)), count // 39))
+    rng = np.random.default_rng(seed)
+    sample = vectors.take(np.sort(rng.choice(count, size=min(count, lists * 64), replace=False)))
+    kmeans = faiss.Kmeans(vectors.dim, lists, niter=10, seed=seed, spherical=True)
+    kmeans.train(sample)
+    list_of = np.empty(count, np.int32)
+    for start in range(0, count, ASSIGN_ROWS):
+        _, nearest = kmeans.index.search(vectors.take(np.arange(start, min(count, start + ASSIGN_ROWS))), 1)
+        list_of[start : start + len(nearest)] = nearest[:, 0]
     return CoarseLists.from_centroids(kmeans.centroids, list_of)
 
 
-class _Buckets:
-    """Rows (id, list, unit vectors) in files that each hold whole lists; ``spaced``
-    keeps the rows' vectors in the lists' space too, when that is another space."""
+class UnitVectors:
+    """Raw unit vectors by FAISS id, from a file of this machine (memory-mapped);
+    ``release`` gives back the pages read so far (they stay in the page cache)."""
 
-    def __init__(self, folder: str, name: str, list_sizes: np.ndarray, dim: int, spaced_dim: int = 0):
-        rows_per_bucket = max(1, BUCKET_BYTES // (4 * (dim + spaced_dim)))
-        self._bucket_of_list = (np.cumsum(list_sizes) - list_sizes) // rows_per_bucket
-        self.count = int(self._bucket_of_list[-1]) + 1 if len(list_sizes) else 0
-        self._parts = [("ids", np.int64, 1), ("lists", np.int32, 1), ("vectors", np.float32, dim)]
-        if spaced_dim:
-            self._parts.append(("spaced", np.float32, spaced_dim))
-        self._folder, self._name = folder, name
-        # Open for the whole pass (a row batch writes to many buckets); close() ends it.
-        self._files = [
-            [open(self._path(b, part), "wb") for part, _, _ in self._parts]  # noqa: SIM115
-            for b in range(self.count)
-        ]
+    def __init__(self, path: str, count: int, dim: int, offset: int = 0):
+        self.dim = dim
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        self._map = mmap.mmap(
+            self._file.fileno(), offset - start + count * dim * 4, access=mmap.ACCESS_READ, offset=start
+        )
+        if hasattr(mmap, "MADV_RANDOM"):  # rows are read one by one: no read-ahead, no fault-around
+            self._map.madvise(mmap.MADV_RANDOM)
+        self._rows = np.frombuffer(self._map, np.float32, count * dim, offset - start).reshape(count, dim)
 
-    def _path(self, bucket: int, part: str) -> str:
-        return os.path.join(self._folder, f"{self._name}-{bucket:05d}.{part}")
+    @classmethod
+    def written(cls, source: EmbeddingSource, path: str, phase=None) -> UnitVectors:
+        """The raw vectors of ``source``, normalised, written to ``path`` in one pass."""
+        with open(path, "wb") as file:
+            for _, vectors in source.vector_batches():
+                file.write(prepare(vectors, Metric.COSINE).tobytes())
+                if phase is not None:
+                    phase.advance(len(vectors))
+        return cls(path, source.count, source.raw_dim)
 
-    def write(self, rows: np.ndarray, lists: np.ndarray, *vectors: np.ndarray) -> None:
-        bucket = self._bucket_of_list[lists]
-        order = np.argsort(bucket, kind="stable")
-        bounds = np.searchsorted(bucket[order], np.arange(self.count + 1))
-        for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            if start < stop:
-                chosen = order[start:stop]
-                for file, (_, dtype, _), values in zip(
-                    self._files[number], self._parts, (rows, lists, *vectors), strict=True
-                ):
-                    file.write(np.ascontiguousarray(values[chosen], dtype=dtype).tobytes())
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self._rows[rows]
+
+    def release(self) -> None:
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
-        for files in self._files:
-            for file in files:
-                file.close()
+        del self._rows
+        self._map.close()
+        self._file.close()
 
-    def read(self, number: int) -> list[list[np.ndarray]]:
-        """Bucket ``number`` as one [rows, lists, vectors...] per list, in list order."""
-        parts = [
-            np.fromfile(self._path(number, part), dtype).reshape(-1, width)
-            if width > 1
-            else np.fromfile(self._path(number, part), dtype)
-            for part, dtype, width in self._parts
-        ]
-        if not len(parts[0]):
-            return []
-        order = np.argsort(parts[1], kind="stable")
-        parts = [part[order] for part in parts]
-        bounds = np.flatnonzero(np.diff(parts[1])) + 1
-        starts, stops = np.r_[0, bounds], np.r_[bounds, len(parts[0])]
-        return [[part[start:stop] for part in parts] for start, stop in zip(starts, stops, strict=True)]
+
+def refine_vectors(index: faiss.Index, path: str) -> tuple[int, int] | None:
+    """(offset, dim) of the raw re-ranking vectors in the index file at ``path``,
+    when ``index`` is an IndexRefineFlat (index/refine_file.py has the layout)."""
+    concrete = faiss.downcast_index(index)
+    if not isinstance(concrete, faiss.IndexRefine):
+        return None
+    refine = faiss.downcast_index(concrete.refine_index)
+    if not isinstance(refine, faiss.IndexFlat):
+        return None
+    return os.path.getsize(path) - 4 - concrete.ntotal * refine.d * 4, refine.d
 
 
 def _list_links(rows: np.ndarray, vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -198,8 +213,7 @@ def _list_links(rows: np.ndarray, vectors: np.ndarray, threshold: float) -> tupl
     count = len(rows)
     left, right = [], []
     for start in range(0, count, BLOCK_ROWS):
-        similar = vectors[start : start + BLOCK_ROWS] @ vectors.T >= threshold
-        block_left, block_right = np.nonzero(similar)
+        block_left, block_right = np.nonzero(vectors[start : start + BLOCK_ROWS] @ vectors.T >= threshold)
         upper = block_right > block_left + start
         left.append(block_left[upper] + start)
         right.append(block_right[upper])
@@ -216,52 +230,46 @@ def _list_links(rows: np.ndarray, vectors: np.ndarray, threshold: float) -> tupl
 
 
 def near_duplicate_links(
-    raw: EmbeddingSource, lists: CoarseLists, transform, threshold: float, phase=None
+    vectors: UnitVectors, lists: CoarseLists, threshold: float, phase=None
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Pairs of rows whose raw cosine similarity reaches ``threshold``, compared in
-    their own list and in the neighbouring list where their partners may be; and the
-    share of rows that were compared in a second list. ``transform`` maps raw vectors
-    to the lists' space (None: the same space); ``phase`` advances twice a row."""
+    their own list and in the neighbouring list where their partners may be; and
+    the share of rows compared in a second list. ``phase`` advances twice a row."""
     radius = math.sqrt(max(0.0, 2 * (1 - threshold)))  # between unit vectors at that cosine
-    dim = raw.raw_dim
-    spaced_dim = len(lists.centroids[0]) if transform is not None else 0
     left, right = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-    with tempfile.TemporaryDirectory(prefix="imgembed-duplicates-") as folder:
-        sizes = np.bincount(lists.list_of, minlength=len(lists.centroids))
-        own = _Buckets(folder, "own", sizes, dim, spaced_dim)
-        for first_id, vectors in raw.vector_batches():
-            rows = np.arange(first_id, first_id + len(vectors))
-            spaced = [prepare(transform(vectors), Metric.COSINE)] if transform is not None else []
-            own.write(rows, lists.list_of[rows], prepare(vectors, Metric.COSINE), *spaced)
-            if phase is not None:
-                phase.advance(len(vectors))
-        own.close()
-        # Within each list; and which neighbouring list each row must visit.
-        visitors = _Buckets(folder, "visitors", sizes, dim)
-        for number in range(own.count):
-            for rows, row_lists, vectors, *spaced in own.read(number):
-                found = _list_links(rows, vectors, threshold)
-                left.append(found[0])
-                right.append(found[1])
-                target = lists.other_list(int(row_lists[0]), spaced[0] if spaced else vectors, radius)
-                going = np.flatnonzero(target >= 0)
-                visitors.write(rows[going], target[going], vectors[going])
-                if phase is not None:
-                    phase.advance(len(rows))
-        visitors.close()
-        # Each visiting row against the rows of the list it visits.
-        visits = 0
-        for number in range(own.count):
-            residents = {int(lists_[0]): (rows, vectors) for rows, lists_, vectors, *_ in own.read(number)}
-            for rows, row_lists, vectors in visitors.read(number):
-                visits += len(rows)
-                resident_rows, resident_vectors = residents[int(row_lists[0])]
-                for start in range(0, len(rows), BLOCK_ROWS):
-                    similar = vectors[start : start + BLOCK_ROWS] @ resident_vectors.T >= threshold
-                    visitor, resident = np.nonzero(similar)
-                    left.append(rows[start + visitor])
-                    right.append(resident_rows[resident])
-    return np.concatenate(left), np.concatenate(right), visits / max(1, raw.count)
+    visiting, visited = [], []
+    for done, (number, rows) in enumerate(lists.members(), start=1):
+        members = vectors.take(rows)
+        found = _list_links(rows, members, threshold)
+        left.append(found[0])
+        right.append(found[1])
+        target = lists.other_list(number, members, radius)
+        going = target >= 0
+        visiting.append(rows[going])
+        visited.append(target[going])
+        if phase is not None:
+            phase.advance(len(rows))
+        if done % RELEASE_EVERY_LISTS == 0:
+            vectors.release()
+    visiting, visited = np.concatenate(visiting or [[]]).astype(np.int64), np.concatenate(visited or [[]])
+    order = np.argsort(visited, kind="stable")
+    visiting, visited = visiting[order], visited[order]
+    bounds = np.searchsorted(visited, np.arange(len(lists.centroids) + 1))
+    for done, (number, rows) in enumerate(lists.members(), start=1):
+        guests = visiting[bounds[number] : bounds[number + 1]]
+        if len(guests):
+            residents = vectors.take(rows)
+            for start in range(0, len(guests), BLOCK_ROWS):
+                block = guests[start : start + BLOCK_ROWS]
+                guest, resident = np.nonzero(vectors.take(block) @ residents.T >= threshold)
+                left.append(block[guest])
+                right.append(rows[resident])
+        if phase is not None:
+            phase.advance(len(rows))
+        if done % RELEASE_EVERY_LISTS == 0:
+            vectors.release()
+    vectors.release()
+    return np.concatenate(left), np.concatenate(right), len(visiting) / max(1, len(lists.list_of))
 
 
 def pair_recall(truth: QuerySet, cluster_of: np.ndarray, threshold: float) -> dict:
@@ -284,6 +292,7 @@ def write_duplicates(
     items: pa.Table,
     threshold: float | None,
     path: str,
+    index_path: str,
     truth: QuerySet | None = None,
     phase=None,
 ) -> tuple[dict, np.ndarray]:
@@ -291,6 +300,7 @@ def write_duplicates(
     row's cluster (its smallest FAISS id; its own id when it is in none).
 
     ``indexed``: the embeddings as indexed (through its transform, if any);
+    ``index_path``: the index's file on this machine;
     ``truth``: exact raw-cosine neighbours of some rows (computed here when not
     given) that measure the pass."""
     raw = indexed.with_transform(None).reporting(None)
@@ -301,11 +311,21 @@ def write_duplicates(
     left, right = [exact_left], [exact_right]
     lists_per_row = None
     if threshold is not None:
-        if is_ivf(index):  # the index's lists, in its (maybe transformed) space
-            lists, transform = ivf_lists(index, count), indexed.transform
-        else:
-            lists, transform = kmeans_lists(raw, SAMPLE_SEED), None
-        near_left, near_right, lists_per_row = near_duplicate_links(raw, lists, transform, threshold, phase)
+        with tempfile.TemporaryDirectory(prefix="imgembed-duplicates-") as folder:
+            in_index = refine_vectors(index, index_path) if indexed.transform is None else None
+            if in_index is not None:  # the index's own raw vectors: no pass over the embeddings
+                vectors = UnitVectors(index_path, count, in_index[1], in_index[0])
+            else:
+                if phase is not None:  # one more pass over the rows: writing them
+                    phase.set_total(3 * count)
+                vectors = UnitVectors.written(raw, os.path.join(folder, "unit-vectors.f32"), phase)
+            # The index's lists are in its own space: only usable when that is the raw one.
+            if is_ivf(index) and indexed.transform is None:
+                lists = ivf_lists(index, count)
+            else:
+                lists = kmeans_lists(vectors, SAMPLE_SEED)
+            near_left, near_right, lists_per_row = near_duplicate_links(vectors, lists, threshold, phase)
+            vectors.close()
         left.append(near_left)
         right.append(near_right)
     left_ids, right_ids = np.concatenate(left), np.concatenate(right)

@@ -2,6 +2,8 @@
 
     INDEX_DIR/CURRENT                       the name of the live version (replaced atomically)
     INDEX_DIR/<version>/index.faiss         the FAISS index (search parameters applied at load)
+    INDEX_DIR/<version>/index.ivfdata       its inverted lists, when a distributed build merged
+                                            them on disk (faiss OnDiskInvertedLists)
     INDEX_DIR/<version>/items.arrow, *.npy  each item's id, uri, metadata, cluster, id lookup
                                             (memory-mapped, index/items.py; never a pickle)
     INDEX_DIR/<version>/manifest.json       model, preprocessing, dimension, metric, transform,
@@ -31,7 +33,7 @@ import faiss
 
 from imgembed.common import storage
 from imgembed.common.local_copies import local_path
-from imgembed.index.faiss_index import set_search_params
+from imgembed.index.faiss_index import native_stdout_silenced, set_search_params
 from imgembed.index.items import Items
 from imgembed.index.reader import EmbeddingSource
 from imgembed.index.vectors import IndexInputError, Metric
@@ -44,6 +46,12 @@ DUPLICATES_FILE = "duplicates.parquet"
 TRANSFORM_DIR = "transform"  # a copy of the tf.Transform graph, when the index has one
 FORMAT_VERSION = 2
 VERSION_PREFIX = "v"
+# How faiss reads a memory-mapped index (see load).
+MAPPED = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+# A distributed build's merged lists, in a file beside index.faiss (manifest: "lists").
+ON_DISK = "on_disk"
+ON_DISK_LISTS_FILE = "index.ivfdata"
+ON_DISK_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
 # The live version and the one before it (a reader may still be on it).
 KEPT_VERSIONS = 2
 
@@ -171,15 +179,19 @@ def load(index_dir: str, mmap: bool = False) -> LoadedIndex:
     ``ivf_pq_rflat`` (measured on 400k x 64: RSS +1 MiB instead of +98 for Flat and
     IVF,Flat; an HNSW graph's links stay in RAM, its vectors are mapped). Combined
     with IO_FLAG_MMAP it fails for IVF lists in faiss 1.15. The re-ranking vectors
-    of ``ivf_pq_rflat`` are always mapped: keeping them out of RAM is why that kind
+    of ``ivf_pq_rflat`` and ``ivf_sq8_rflat`` are always mapped: keeping them out of RAM is why that kind
     was chosen."""
     directory = live_dir(index_dir)
     manifest = read_json(directory, MANIFEST_FILE)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise IndexInputError(f"{index_dir}: index format {manifest.get('format_version')} is not supported")
-    mapped = mmap or manifest["index"]["kind"] == "ivf_pq_rflat"
-    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mapped else 0
-    index = faiss.read_index(path(directory, INDEX_FILE), flags)
+    if manifest["index"].get("lists") == ON_DISK:
+        # faiss maps on-disk lists itself; IO_FLAG_MMAP_IFC cannot be combined with them.
+        with native_stdout_silenced():
+            index = faiss.read_index(path(directory, INDEX_FILE), ON_DISK_FLAGS)
+    else:
+        mapped = mmap or manifest["index"]["kind"].endswith("_rflat")
+        index = faiss.read_index(path(directory, INDEX_FILE), MAPPED if mapped else 0)
     set_search_params(index, manifest["search_params"])
     items = Items(directory)
     if len(items) != index.ntotal:

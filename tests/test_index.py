@@ -4,6 +4,7 @@ incremental adds, near duplicates, and clear errors for bad input."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import faiss
@@ -18,6 +19,7 @@ from imgembed.index.beam_build import add_with_beam
 from imgembed.index.build import IndexConfig, add_locally, add_to_index, build, plan_for, train
 from imgembed.index.choose import choose_index
 from imgembed.index.evaluate import QuerySet, recall
+from imgembed.index.faiss_index import add_vectors
 from imgembed.index.reader import EmbeddingSource
 from imgembed.index.vectors import IndexInputError, Metric, prepare
 from imgembed.pipelines import embed
@@ -135,7 +137,9 @@ def test_beam_sharded_build_returns_the_neighbours_of_a_single_process_build(tmp
     trained = train(plan_for(source, config), source, config)
     single, sharded = faiss.clone_index(trained), faiss.clone_index(trained)
     add_locally(single, source, config.metric)
-    add_with_beam(sharded, source, config.metric, [*MULTI_PROCESS, f"--temp_location={tmp_path / 'temp'}"])
+    add_with_beam(
+        sharded, source, config.metric, pipeline_args=[*MULTI_PROCESS, f"--temp_location={tmp_path / 'temp'}"]
+    )
 
     queries = prepare(source.take(np.arange(0, 10_000, 97)), config.metric)
     for index in (single, sharded):
@@ -288,3 +292,66 @@ def test_near_duplicates_found_list_by_list_are_the_pairs_exact_search_finds(tmp
     assert has_partner[clustered].all()
     summary = report["duplicates"]
     assert summary["pairs_checked"] > 10 and summary["pair_recall"] >= 0.95, summary
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2], ids=["ip", "l2"])
+def test_refine_vectors_written_from_disk_give_the_bytes_faiss_writes(tmp_path, metric):
+    from imgembed.index.refine_file import RefineVectors
+
+    vectors = StructuredVectors(32, seed=2).chunk(0, 5000)
+    whole = faiss.index_factory(32, "IVF16,PQ8x4fs,RFlat", metric)
+    whole.train(vectors)
+    whole.add(vectors)
+    spilled = faiss.index_factory(32, "IVF16,PQ8x4fs,RFlat", metric)
+    spilled.train(vectors)
+    refine = RefineVectors(spilled, str(tmp_path))
+    for start in range(0, 5000, 1500):
+        add_vectors(spilled, vectors[start : start + 1500], start, refine=refine)
+    concrete = faiss.downcast_index(spilled)
+    refine.write_index(concrete.base_index, concrete.k_factor, str(tmp_path / "index.faiss"))
+    assert (tmp_path / "index.faiss").read_bytes() == faiss.serialize_index(whole).tobytes()
+    assert not os.path.exists(refine.path)
+
+
+def test_an_index_too_big_for_its_budget_keeps_its_raw_vectors_on_disk_through_build_and_add(tmp_path):
+    write_synthetic_embeddings(str(tmp_path / "all"), count=40_000, dim=64, files=4, seed=5)
+    (tmp_path / "later").mkdir()
+    shutil.move(
+        tmp_path / "all" / "embeddings-00003.parquet", tmp_path / "later" / "embeddings-00003.parquet"
+    )
+    config = IndexConfig(max_memory=parse_size("2M"))
+    report = build(EmbeddingSource(str(tmp_path / "all")), str(tmp_path / "index"), config)
+    assert report["index"]["kind"] == "ivf_pq_rflat" and report["meets_target"], report
+    added = add_to_index(str(tmp_path / "index"), [str(tmp_path / "later")], config)
+    assert added["added"] == 10_000 and added["recall@10_on_new_rows"] >= 0.93, added
+    loaded = store.load(str(tmp_path / "index"))
+    assert loaded.count == len(loaded.items) == 40_000
+    raw = EmbeddingSource([str(tmp_path / "all"), str(tmp_path / "later")])
+    every = prepare(raw.take(np.arange(40_000)), Metric.COSINE)
+    refined = faiss.downcast_index(faiss.downcast_index(loaded.index).refine_index)
+    np.testing.assert_array_equal(refined.reconstruct_n(0, 40_000), every)
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+def test_pages_of_mapped_re_ranking_vectors_are_given_back_after_measuring(tmp_path):
+    from imgembed.index import mapped_pages
+
+    vectors = prepare(StructuredVectors(256, seed=6).chunk(0, 100_000), Metric.COSINE)
+    index = faiss.index_factory(256, "IVF64,PQ32x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors[:20_000])
+    index.add(vectors)
+    faiss.write_index(index, str(tmp_path / "index.faiss"))  # 100 MB of raw vectors
+    mapped = faiss.read_index(str(tmp_path / "index.faiss"), store.MAPPED)
+    faiss.ParameterSpace().set_index_parameters(mapped, "nprobe=64,k_factor_rf=1000")
+    before = _rss_file_kib()
+    mapped.search(vectors[:100], 100)  # re-ranks 100k rows: reads the whole file
+    assert _rss_file_kib() - before > 50_000
+    mapped_pages.watch(str(tmp_path / "index.faiss"))
+    mapped_pages.release()
+    assert _rss_file_kib() - before < 5_000
+    found = mapped.search(vectors[:5], 1)[1][:, 0]  # still readable
+    np.testing.assert_array_equal(found, np.arange(5))
