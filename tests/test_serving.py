@@ -18,7 +18,7 @@ import pytest
 from fixtures.synthetic_vectors import StructuredVectors, write_embeddings
 from imgembed.common.embedding_files import image_id
 from imgembed.index import command as index_command
-from tests.conftest import require_tool
+from tests.conftest import live, require_tool
 from tests.gcs import TOOLS
 from tests.servers import serve
 
@@ -85,6 +85,9 @@ def test_every_index_kind_is_served_and_queried(catalogue, kind):
         ["--distributed"] if kind == "distributed" else []
     )
     index = build(catalogue, kind, *flags)
+    if kind == "distributed":  # merged into on-disk lists, served from them
+        manifest = json.loads((live(index) / "manifest.json").read_text())
+        assert manifest["index"]["lists"] == "on_disk" and (live(index) / "index.ivfdata").exists()
     target = image_id("synthetic://shard2/002345.jpg")
     query = subprocess.run(
         [os.path.join(BIN, "imgembed"), "query", "--index", index, "--id", target, "-k", "5", "--json"],
