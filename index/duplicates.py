@@ -23,6 +23,7 @@ sample rows) that ended in one cluster.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import mmap
 import os
@@ -100,11 +101,16 @@ class CoarseLists:
 
     def members(self):
         """(list number, its rows in id order) for every list that has rows."""
-        order = np.argsort(self.list_of, kind="stable")
-        bounds = np.r_[0, np.cumsum(np.bincount(self.list_of, minlength=len(self.centroids)))]
+        order, bounds = self._grouped
         for number in range(len(self.centroids)):
             if bounds[number + 1] > bounds[number]:
                 yield number, order[bounds[number] : bounds[number + 1]]
+
+    @functools.cached_property
+    def _grouped(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows sorted by list, and where each list starts (sorted once, walked twice)."""
+        order = np.argsort(self.list_of, kind="stable")
+        return order, np.r_[0, np.cumsum(np.bincount(self.list_of, minlength=len(self.centroids)))]
 
     def other_list(self, number: int, vectors: np.ndarray, radius: float) -> np.ndarray:
         """For unit ``vectors`` of list ``number``, the neighbouring list that may
@@ -229,6 +235,18 @@ def _list_links(rows: np.ndarray, vectors: np.ndarray, threshold: float) -> tupl
     return rows[first[group[members]]], rows[members]
 
 
+def _lists_in_turn(lists: CoarseLists, vectors: UnitVectors, phase):
+    """(list number, rows) of every list; after each, ``phase`` advances by its rows
+    and, every RELEASE_EVERY_LISTS lists and at the end, the pages read go back."""
+    for done, (number, rows) in enumerate(lists.members(), start=1):
+        yield number, rows
+        if phase is not None:
+            phase.advance(len(rows))
+        if done % RELEASE_EVERY_LISTS == 0:
+            vectors.release()
+    vectors.release()
+
+
 def near_duplicate_links(
     vectors: UnitVectors, lists: CoarseLists, threshold: float, phase=None
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -238,7 +256,7 @@ def near_duplicate_links(
     radius = math.sqrt(max(0.0, 2 * (1 - threshold)))  # between unit vectors at that cosine
     left, right = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     visiting, visited = [], []
-    for done, (number, rows) in enumerate(lists.members(), start=1):
+    for number, rows in _lists_in_turn(lists, vectors, phase):
         members = vectors.take(rows)
         found = _list_links(rows, members, threshold)
         left.append(found[0])
@@ -247,15 +265,11 @@ def near_duplicate_links(
         going = target >= 0
         visiting.append(rows[going])
         visited.append(target[going])
-        if phase is not None:
-            phase.advance(len(rows))
-        if done % RELEASE_EVERY_LISTS == 0:
-            vectors.release()
     visiting, visited = np.concatenate(visiting or [[]]).astype(np.int64), np.concatenate(visited or [[]])
     order = np.argsort(visited, kind="stable")
     visiting, visited = visiting[order], visited[order]
     bounds = np.searchsorted(visited, np.arange(len(lists.centroids) + 1))
-    for done, (number, rows) in enumerate(lists.members(), start=1):
+    for number, rows in _lists_in_turn(lists, vectors, phase):
         guests = visiting[bounds[number] : bounds[number + 1]]
         if len(guests):
             residents = vectors.take(rows)
@@ -264,11 +278,6 @@ def near_duplicate_links(
                 guest, resident = np.nonzero(vectors.take(block) @ residents.T >= threshold)
                 left.append(block[guest])
                 right.append(rows[resident])
-        if phase is not None:
-            phase.advance(len(rows))
-        if done % RELEASE_EVERY_LISTS == 0:
-            vectors.release()
-    vectors.release()
     return np.concatenate(left), np.concatenate(right), len(visiting) / max(1, len(lists.list_of))
 
 
