@@ -323,7 +323,7 @@ def build(
     # neighbours too: they measure the duplicate pass for free.
     truth = fitted.eval_set if transform_info is None else None
     report["duplicates"] = _duplicates(
-        local, fitted.index, source, config, truth, clock.begin("duplicates", 2 * source.count, "row passes")
+        local, fitted.index, source, config, truth, clock.begin("duplicates", 3 * source.count, "row passes")
     )
     clock.end()
     index_bytes = os.path.getsize(store.path(local, store.INDEX_FILE))

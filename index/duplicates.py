@@ -13,21 +13,25 @@ centroids between them, so they share an inverted list, or lie near the border
 with the next one: each row is compared exactly with the rows of its own list and
 of the neighbouring list closest to it (the index's own lists when it is an IVF
 index over raw vectors; a k-means of sqrt(n) lists of the raw vectors otherwise).
-The raw unit vectors are read by id from one file of this machine, memory-mapped
-with its pages given back as it goes: the re-ranking vectors inside index.faiss
-for ``*_rflat`` indexes (no extra pass), else a file written by one streaming
-pass. ``pair_recall`` in the report is the share of true pairs (exact search,
-sample rows) that ended in one cluster.
+
+Every read is sequential. One pass over the raw unit vectors (the re-ranking
+vectors inside index.faiss for ``*_rflat`` indexes, else the embeddings) sorts
+them on disk into group files of consecutive lists, each small enough to load
+whole; the lists are then compared group by group, and the rows that visit a
+neighbouring list are sorted the same way into guest files, compared with that
+list's residents last. (Reading rows by id from a memory map instead cost a page
+fault a row and up to 3.4 GB of mapped pages on 5M x 256.) ``pair_recall`` in the
+report is the share of true pairs (exact search, sample rows) that ended in one
+cluster.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import mmap
 import os
 import tempfile
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -42,12 +46,12 @@ from imgembed.index.faiss_index import is_ivf
 from imgembed.index.reader import EmbeddingSource
 from imgembed.index.vectors import Metric, prepare
 
-# Lists compared between two givebacks of the pages read. The kernel maps up to
-# 64 KB around each faulted row (fault-around; MADV_RANDOM did not stop it), so
-# 64 lists of 610 rows let RssFile reach 3.4 GB on 5M x 256; 8 bound it near 300 MB.
-RELEASE_EVERY_LISTS = 8
-# Rows assigned to k-means lists at a time.
-ASSIGN_ROWS = 65536
+# One group file of consecutive lists, loaded whole while its lists are compared
+# (with two copies while sorting): 64 MB, unless that makes more than MAX_GROUPS files.
+GROUP_BYTES = 64 * 2**20
+MAX_GROUPS = 256
+# Rows read, assigned and sorted into group files at a time.
+READ_ROWS = 65536
 # Rows of one similarity block: 2048 x a list of 50k rows is 400 MB at most.
 BLOCK_ROWS = 2048
 # The lists next to a row's own among which the one it also visits is found: at 141
@@ -84,33 +88,29 @@ def exact_duplicate_links(hashes: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass
 class CoarseLists:
-    """A partition of the rows: unit centroids, each row's list, and each list's
-    nearest other lists (where a row near its list's edge has its other neighbours)."""
+    """A partition of the rows into lists: unit centroids, each list's nearest other
+    lists (where a row near its list's edge has its other neighbours), how many rows
+    each holds, and how a batch of rows is assigned to them."""
 
     centroids: np.ndarray  # [lists, d]
-    list_of: np.ndarray  # [n] int32
     neighbours: np.ndarray  # [lists, NEIGHBOUR_LISTS] int64, -1 where fewer
+    sizes: np.ndarray  # [lists] rows (estimated from a sample for k-means lists)
+    assign: Callable[[int, np.ndarray], np.ndarray]  # (first row, unit vectors) -> their lists
 
     @classmethod
-    def from_centroids(cls, centroids: np.ndarray, list_of: np.ndarray) -> CoarseLists:
+    def from_centroids(cls, centroids: np.ndarray, sizes: np.ndarray, assign) -> CoarseLists:
         centroids = prepare(centroids, Metric.COSINE)
         search = faiss.IndexFlatIP(centroids.shape[1])
         search.add(centroids)
         _, nearest = search.search(centroids, min(NEIGHBOUR_LISTS + 1, len(centroids)))
-        return cls(centroids, list_of, without_self(nearest, np.arange(len(centroids)), nearest.shape[1] - 1))
+        neighbours = without_self(nearest, np.arange(len(centroids)), nearest.shape[1] - 1)
+        return cls(centroids, neighbours, sizes, assign)
 
-    def members(self):
-        """(list number, its rows in id order) for every list that has rows."""
-        order, bounds = self._grouped
-        for number in range(len(self.centroids)):
-            if bounds[number + 1] > bounds[number]:
-                yield number, order[bounds[number] : bounds[number + 1]]
-
-    @functools.cached_property
-    def _grouped(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rows sorted by list, and where each list starts (sorted once, walked twice)."""
-        order = np.argsort(self.list_of, kind="stable")
-        return order, np.r_[0, np.cumsum(np.bincount(self.list_of, minlength=len(self.centroids)))]
+    def groups(self, record_bytes: int) -> np.ndarray:
+        """The group of each list: consecutive lists of about GROUP_BYTES in all."""
+        group_bytes = max(GROUP_BYTES, int(self.sizes.sum()) * record_bytes // MAX_GROUPS + 1)
+        before = (np.cumsum(self.sizes) - self.sizes) * record_bytes
+        return np.unique(before // group_bytes, return_inverse=True)[1].astype(np.int64)
 
     def other_list(self, number: int, vectors: np.ndarray, radius: float) -> np.ndarray:
         """For unit ``vectors`` of list ``number``, the neighbouring list that may
@@ -135,70 +135,74 @@ def ivf_lists(index: faiss.Index, count: int) -> CoarseLists:
     ivf = faiss.extract_index_ivf(index)
     invlists = ivf.invlists
     list_of = np.empty(count, np.int32)
+    sizes = np.zeros(invlists.nlist, np.int64)
     for number in range(invlists.nlist):
-        size = invlists.list_size(number)
+        sizes[number] = size = invlists.list_size(number)
         if size:
             pointer = invlists.get_ids(number)
             list_of[faiss.rev_swig_ptr(pointer, size).copy()] = number
             invlists.release_ids(number, pointer)
-    return CoarseLists.from_centroids(ivf.quantizer.reconstruct_n(0, ivf.nlist), list_of)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    return CoarseLists.from_centroids(
+        centroids, sizes, lambda first, rows: list_of[first : first + len(rows)]
+    )
 
 
-def kmeans_lists(vectors: UnitVectors, seed: int) -> CoarseLists:
-    """A k-means of about sqrt(n) lists of the raw vectors: the assignment and the
-    comparisons then cost about the same, n^1.5 d each."""
-    count = len(vectors)
+def kmeans_lists(raw: EmbeddingSource, seed: int) -> CoarseLists:
+    """A k-means of about sqrt(n) lists of the raw unit vectors: the assignment and
+    the comparisons then cost about the same, n^1.5 d each."""
+    count = raw.count
     lists = max(1, min(int(math.sqrt(count)), count // 39))
-    rng = np.random.default_rng(seed)
-    sample = vectors.take(np.sort(rng.choice(count, size=min(count, lists * 64), replace=False)))
-    kmeans = faiss.Kmeans(vectors.dim, lists, niter=10, seed=seed, spherical=True)
+    sample = prepare(raw.take(raw.sample_ids(lists * 64, np.random.default_rng(seed))), Metric.COSINE)
+    kmeans = faiss.Kmeans(raw.raw_dim, lists, niter=10, seed=seed, spherical=True)
     kmeans.train(sample)
-    list_of = np.empty(count, np.int32)
-    for start in range(0, count, ASSIGN_ROWS):
-        _, nearest = kmeans.index.search(vectors.take(np.arange(start, min(count, start + ASSIGN_ROWS))), 1)
-        list_of[start : start + len(nearest)] = nearest[:, 0]
-    return CoarseLists.from_centroids(kmeans.centroids, list_of)
+    _, nearest = kmeans.index.search(sample, 1)
+    sizes = np.bincount(nearest[:, 0], minlength=lists) * (count / len(sample))
+
+    def assign(first: int, rows: np.ndarray) -> np.ndarray:
+        return kmeans.index.search(rows, 1)[1][:, 0]
+
+    return CoarseLists.from_centroids(kmeans.centroids, np.ceil(sizes).astype(np.int64), assign)
 
 
-class UnitVectors:
-    """Raw unit vectors by FAISS id, from a file of this machine (memory-mapped);
-    ``release`` gives back the pages read so far (they stay in the page cache)."""
+class ListGroups:
+    """Rows sorted on disk by list into group files of consecutive lists, each read
+    back whole: records of (row, list, unit vector), appended in any order."""
 
-    def __init__(self, path: str, count: int, dim: int, offset: int = 0):
-        self.dim = dim
-        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        self._map = mmap.mmap(
-            self._file.fileno(), offset - start + count * dim * 4, access=mmap.ACCESS_READ, offset=start
-        )
-        if hasattr(mmap, "MADV_RANDOM"):  # rows are read one by one: no read-ahead, no fault-around
-            self._map.madvise(mmap.MADV_RANDOM)
-        self._rows = np.frombuffer(self._map, np.float32, count * dim, offset - start).reshape(count, dim)
+    def __init__(self, folder: str, name: str, dim: int, lists: CoarseLists):
+        self.dtype = np.dtype([("row", "<i8"), ("list", "<i4"), ("vector", "<f4", (dim,))])
+        self.group_of_list = lists.groups(self.dtype.itemsize)
+        count = int(self.group_of_list.max()) + 1
+        self.paths = [os.path.join(folder, f"{name}-{group:05d}.records") for group in range(count)]
+        self._files = [open(path, "wb") for path in self.paths]  # noqa: SIM115 (closed by finish())
 
-    @classmethod
-    def written(cls, source: EmbeddingSource, path: str, phase=None) -> UnitVectors:
-        """The raw vectors of ``source``, normalised, written to ``path`` in one pass."""
-        with open(path, "wb") as file:
-            for _, vectors in source.vector_batches():
-                file.write(prepare(vectors, Metric.COSINE).tobytes())
-                if phase is not None:
-                    phase.advance(len(vectors))
-        return cls(path, source.count, source.raw_dim)
+    def append(self, rows: np.ndarray, lists: np.ndarray, vectors: np.ndarray) -> None:
+        records = np.empty(len(rows), self.dtype)
+        records["row"], records["list"], records["vector"] = rows, lists, vectors
+        group = self.group_of_list[lists]
+        order = np.argsort(group, kind="stable")
+        bounds = np.searchsorted(group[order], np.arange(len(self.paths) + 1))
+        for number in np.flatnonzero(np.diff(bounds)):
+            records[order[bounds[number] : bounds[number + 1]]].tofile(self._files[number])
+
+    def finish(self) -> None:
+        for file in self._files:
+            file.close()
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self.paths)
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        return self._rows[rows]
-
-    def release(self) -> None:
-        if hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED)
-
-    def close(self) -> None:
-        del self._rows
-        self._map.close()
-        self._file.close()
+    def lists_in(self, group: int):
+        """(list number, rows, [rows, dim] unit vectors) of every list in ``group``."""
+        records = np.fromfile(self.paths[group], self.dtype)
+        if not len(records):  # k-means list sizes are estimates: a group may get no rows
+            return
+        records = records[np.argsort(records["list"], kind="stable")]
+        numbers, starts = np.unique(records["list"], return_index=True)
+        rows, vectors = records["row"], np.ascontiguousarray(records["vector"])
+        del records
+        for number, start, end in zip(numbers, starts, np.r_[starts[1:], len(rows)], strict=True):
+            yield int(number), rows[start:end], vectors[start:end]
 
 
 def refine_vectors(index: faiss.Index, path: str) -> tuple[int, int] | None:
@@ -235,50 +239,67 @@ def _list_links(rows: np.ndarray, vectors: np.ndarray, threshold: float) -> tupl
     return rows[first[group[members]]], rows[members]
 
 
-def _lists_in_turn(lists: CoarseLists, vectors: UnitVectors, phase):
-    """(list number, rows) of every list; after each, ``phase`` advances by its rows
-    and, every RELEASE_EVERY_LISTS lists and at the end, the pages read go back."""
-    for done, (number, rows) in enumerate(lists.members(), start=1):
-        yield number, rows
-        if phase is not None:
-            phase.advance(len(rows))
-        if done % RELEASE_EVERY_LISTS == 0:
-            vectors.release()
-    vectors.release()
+def unit_batches(raw: EmbeddingSource, in_index: tuple[str, int, int] | None = None):
+    """(first row, raw unit vectors) of every row in order, read sequentially: from
+    ``in_index`` (path, offset, dim: the index's own raw re-ranking vectors) when
+    given, else from the embeddings."""
+    if in_index is None:
+        for first, vectors in raw.vector_batches():
+            yield first, prepare(vectors, Metric.COSINE)
+        return
+    path, offset, dim = in_index
+    with open(path, "rb") as file:
+        file.seek(offset)
+        for first in range(0, raw.count, READ_ROWS):
+            rows = min(READ_ROWS, raw.count - first)
+            yield first, np.fromfile(file, np.float32, rows * dim).reshape(rows, dim)
 
 
 def near_duplicate_links(
-    vectors: UnitVectors, lists: CoarseLists, threshold: float, phase=None
+    batches, lists: CoarseLists, dim: int, threshold: float, folder: str, phase=None
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Pairs of rows whose raw cosine similarity reaches ``threshold``, compared in
     their own list and in the neighbouring list where their partners may be; and
-    the share of rows compared in a second list. ``phase`` advances twice a row."""
+    the share of rows compared in a second list. ``phase`` advances three times a
+    row: sorting into groups, comparing in the own list, in the visited one."""
     radius = math.sqrt(max(0.0, 2 * (1 - threshold)))  # between unit vectors at that cosine
+    residents, guests = ListGroups(folder, "rows", dim, lists), ListGroups(folder, "guests", dim, lists)
+    count = 0
+    for first, vectors in batches:
+        rows = np.arange(first, first + len(vectors))
+        residents.append(rows, lists.assign(first, vectors), vectors)
+        count += len(vectors)
+        _advance(phase, len(vectors))
+    residents.finish()
     left, right = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-    visiting, visited = [], []
-    for number, rows in _lists_in_turn(lists, vectors, phase):
-        members = vectors.take(rows)
-        found = _list_links(rows, members, threshold)
-        left.append(found[0])
-        right.append(found[1])
-        target = lists.other_list(number, members, radius)
-        going = target >= 0
-        visiting.append(rows[going])
-        visited.append(target[going])
-    visiting, visited = np.concatenate(visiting or [[]]).astype(np.int64), np.concatenate(visited or [[]])
-    order = np.argsort(visited, kind="stable")
-    visiting, visited = visiting[order], visited[order]
-    bounds = np.searchsorted(visited, np.arange(len(lists.centroids) + 1))
-    for number, rows in _lists_in_turn(lists, vectors, phase):
-        guests = visiting[bounds[number] : bounds[number + 1]]
-        if len(guests):
-            residents = vectors.take(rows)
-            for start in range(0, len(guests), BLOCK_ROWS):
-                block = guests[start : start + BLOCK_ROWS]
-                guest, resident = np.nonzero(vectors.take(block) @ residents.T >= threshold)
-                left.append(block[guest])
+    visitors = 0
+    for group in range(len(residents)):
+        for number, rows, members in residents.lists_in(group):
+            found = _list_links(rows, members, threshold)
+            left.append(found[0])
+            right.append(found[1])
+            target = lists.other_list(number, members, radius)
+            going = target >= 0
+            guests.append(rows[going], target[going], members[going])
+            visitors += int(going.sum())
+            _advance(phase, len(rows))
+    guests.finish()
+    for group in range(len(residents)):
+        visiting = {number: (rows, vectors) for number, rows, vectors in guests.lists_in(group)}
+        for number, rows, members in residents.lists_in(group):
+            guest_rows, guest_vectors = visiting.get(number, (rows[:0], members[:0]))
+            for start in range(0, len(guest_rows), BLOCK_ROWS):
+                scores = guest_vectors[start : start + BLOCK_ROWS] @ members.T
+                guest, resident = np.nonzero(scores >= threshold)
+                left.append(guest_rows[start + guest])
                 right.append(rows[resident])
-    return np.concatenate(left), np.concatenate(right), len(visiting) / max(1, len(lists.list_of))
+            _advance(phase, len(rows))
+    return np.concatenate(left), np.concatenate(right), visitors / max(1, count)
+
+
+def _advance(phase, rows: int) -> None:
+    if phase is not None:
+        phase.advance(rows)
 
 
 def pair_recall(truth: QuerySet, cluster_of: np.ndarray, threshold: float) -> dict:
@@ -320,21 +341,15 @@ def write_duplicates(
     left, right = [exact_left], [exact_right]
     lists_per_row = None
     if threshold is not None:
-        with tempfile.TemporaryDirectory(prefix="imgembed-duplicates-") as folder:
-            in_index = refine_vectors(index, index_path) if indexed.transform is None else None
-            if in_index is not None:  # the index's own raw vectors: no pass over the embeddings
-                vectors = UnitVectors(index_path, count, in_index[1], in_index[0])
-            else:
-                if phase is not None:  # one more pass over the rows: writing them
-                    phase.set_total(3 * count)
-                vectors = UnitVectors.written(raw, os.path.join(folder, "unit-vectors.f32"), phase)
-            # The index's lists are in its own space: only usable when that is the raw one.
-            if is_ivf(index) and indexed.transform is None:
-                lists = ivf_lists(index, count)
-            else:
-                lists = kmeans_lists(vectors, SAMPLE_SEED)
-            near_left, near_right, lists_per_row = near_duplicate_links(vectors, lists, threshold, phase)
-            vectors.close()
+        over_raw = indexed.transform is None  # else the index's lists and vectors are in its own space
+        lists = ivf_lists(index, count) if over_raw and is_ivf(index) else kmeans_lists(raw, SAMPLE_SEED)
+        in_index = refine_vectors(index, index_path) if over_raw else None
+        batches = unit_batches(raw, None if in_index is None else (index_path, *in_index))
+        # Scratch files beside the index (a tmpfs /tmp would hold them in RAM).
+        with tempfile.TemporaryDirectory(prefix="duplicates-", dir=os.path.dirname(index_path)) as folder:
+            near_left, near_right, lists_per_row = near_duplicate_links(
+                batches, lists, raw.raw_dim, threshold, folder, phase
+            )
         left.append(near_left)
         right.append(near_right)
     left_ids, right_ids = np.concatenate(left), np.concatenate(right)

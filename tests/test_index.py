@@ -266,9 +266,18 @@ def test_existing_index_is_not_replaced_without_overwrite(tmp_path, capsys):
     assert command.main(argv + ["--overwrite"]) == 0
 
 
-@pytest.mark.parametrize("factory", ["IVF64,Flat", "Flat"])
-def test_near_duplicates_found_list_by_list_are_the_pairs_exact_search_finds(tmp_path, factory):
+@pytest.mark.parametrize(
+    ("factory", "group_bytes"),
+    [("IVF64,Flat", 64 * 2**20), ("IVF64,Flat", 200_000), ("Flat", 64 * 2**20)],
+    ids=["ivf-lists", "ivf-lists-in-27-group-files", "kmeans-lists"],
+)
+def test_near_duplicates_found_list_by_list_are_the_pairs_exact_search_finds(
+    tmp_path, monkeypatch, factory, group_bytes
+):
     from fixtures.synthetic_vectors import with_near_copies
+    from imgembed.index import duplicates
+
+    monkeypatch.setattr(duplicates, "GROUP_BYTES", group_bytes)  # 20k rows of 268 bytes: 5.4 MB
 
     vectors = with_near_copies(StructuredVectors(64, seed=4).chunk(0, 20_000), 0.03, seed=4)
     write_embeddings(str(tmp_path / "emb"), vectors)
