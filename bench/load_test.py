@@ -1,18 +1,19 @@
 """Load test of the real service, measured from outside with wrk.
 
-    .venv/bin/python bench/load_test.py                          # 500k x 1024 synthetic index
-    .venv/bin/python bench/load_test.py --index out/index --images-only
+    .venv/bin/python bench/load_test.py                   # 500k x 1024 synthetic index
+    .venv/bin/python bench/load_test.py --index out/index # an index built from images
     .venv/bin/python bench/load_test.py --count 5000000 --dim 256 --max-memory 1G
 
 Builds (or takes) an index, starts `imgembed serve` on loopback, and drives it with
 wrk (Debian's; installed with apt-get when missing) from the same machine: 32
 connections, k=10, by id (GET /v1/neighbors/<random indexed id>) and by vector
-(POST /v1/search with one vector). On an index built from images (--index with a
-model), also by image (POST /v1/search/image with a JPEG), against the model's own
-images/s on the same machine. Reports requests/s, p50/p99 latency, errors, the time
-the service takes to start, and its memory beyond the index: the proportional set
-size (PSS) of its processes after the load, less the index's own RAM and less the
-PSS of the same service over a 1000-item index (Python, the libraries).
+(POST /v1/search with one vector: a random item's embedding plus 10% noise). On an
+index built from images, also by image (POST /v1/search/image with a JPEG), against
+the model's own images/s on the same machine. Reports requests/s, p50/p99 latency,
+errors, the time the service takes to start, and its memory beyond the index: the
+proportional set size (PSS) of its processes after the load, less the index's own
+RAM and less the PSS of the same service over a 1000-item index (Python, the
+libraries).
 
 Writes docs/benchmarks/service.md. Not a test: speeds depend on the machine.
 """
@@ -176,12 +177,24 @@ def build_index(folder: str, count: int, dim: int, max_memory: str, work: str) -
     return index
 
 
-def sample_ids(index: str, count: int = 10_000) -> list[str]:
+def sample_rows(index: str, count: int = 10_000) -> tuple[list[str], np.ndarray]:
+    """Ids of random indexed items, and their raw embeddings with a little noise: a
+    query "like this one", as users send them (a random vector lies far from every
+    item, and probes lists unlike real queries do)."""
     from imgembed.index import store
+    from imgembed.index.reader import EmbeddingSource
 
     loaded = store.load(index, mmap=True)
-    rows = np.random.default_rng(0).choice(loaded.count, size=min(count, loaded.count), replace=False)
-    return [row["id"] for row in loaded.items.describe([int(r) for r in rows], ("id",))]
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(loaded.count, size=min(count, loaded.count), replace=False))
+    ids = [row["id"] for row in loaded.items.describe([int(r) for r in rows], ("id",))]
+    source = EmbeddingSource.from_files([file for part in loaded.manifest["parts"] for file in part["files"]])
+    vectors = source.take(rows[:200])
+    noise = rng.normal(size=vectors.shape).astype(np.float32)
+    scale = (
+        0.1 * np.linalg.norm(vectors, axis=1, keepdims=True) / np.linalg.norm(noise, axis=1, keepdims=True)
+    )
+    return ids, vectors + scale * noise
 
 
 def index_ram_bytes(index: str) -> int:
@@ -254,14 +267,13 @@ def main() -> int:
         int(loaded.manifest["embedding_dimension"]),
         loaded.manifest["index"]["factory"],
     )
+    ids, vectors = sample_rows(index)
     ids_file = os.path.join(work, "ids.txt")
     with open(ids_file, "w") as file:
-        file.write("\n".join(sample_ids(index)) + "\n")
+        file.write("\n".join(ids) + "\n")
     bodies_file = os.path.join(work, "bodies.txt")
-    rng = np.random.default_rng(1)
     with open(bodies_file, "w") as file:
-        for _ in range(200):
-            vector = rng.normal(size=dim).astype(np.float32)
+        for vector in vectors:
             file.write(json.dumps({"vectors": [[round(float(v), 6) for v in vector]], "k": 10}) + "\n")
     results = {
         "by id": wrk(server.url, BY_ID % {"ids": ids_file}, work, "by_id", args.seconds),

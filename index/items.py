@@ -118,6 +118,37 @@ def write_clusters(version_dir: str, cluster_of: np.ndarray) -> None:
     np.save(os.path.join(version_dir, CLUSTER_SIZES_FILE), sizes[cluster_of])
 
 
+class _MappedColumn:
+    """One column of one memory-mapped batch, read one value at a time through numpy
+    views of its Arrow buffers: an Arrow scalar (``array[i].as_py()``) costs about
+    3.5 us, a third of a by-id lookup's Python time for ten hits."""
+
+    def __init__(self, array: pa.Array):
+        self._array = array
+        validity, *buffers = array.buffers()
+        self._first = array.offset
+        self._valid = np.frombuffer(validity, np.uint8) if array.null_count else None
+        kind = array.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            self._offsets = np.frombuffer(buffers[0], np.int64 if pa.types.is_large_string(kind) else np.int32)
+            self._data = memoryview(buffers[1]) if buffers[1] is not None else memoryview(b"")
+            self._read = self._string
+        elif pa.types.is_integer(kind):
+            self._values = np.frombuffer(buffers[0], kind.to_pandas_dtype())
+            self._read = lambda at: int(self._values[at])
+        else:
+            self._read = lambda at: self._array[at - self._first].as_py()
+
+    def _string(self, at: int) -> str:
+        return str(self._data[self._offsets[at] : self._offsets[at + 1]], "utf-8")
+
+    def __getitem__(self, row: int):
+        at = row + self._first
+        if self._valid is not None and not (self._valid[at >> 3] >> (at & 7)) & 1:
+            return None
+        return self._read(at)
+
+
 class Items:
     """The items of one index version, memory-mapped; safe to share between threads."""
 
@@ -127,6 +158,9 @@ class Items:
         # Zero-copy: every batch's columns point into the map.
         self._batches = [reader.get_batch(number) for number in range(reader.num_record_batches)]
         self._starts = np.cumsum([0] + [batch.num_rows for batch in self._batches])
+        self._columns = [
+            {name: _MappedColumn(batch.column(name)) for name in batch.schema.names} for batch in self._batches
+        ]
         self.table = pa.Table.from_batches(self._batches, schema=reader.schema)
         self._keys = np.load(os.path.join(version_dir, ID_KEYS_FILE), mmap_mode="r")
         self._rows = np.load(os.path.join(version_dir, ID_ROWS_FILE), mmap_mode="r")
@@ -151,11 +185,14 @@ class Items:
             return None
         start = int(np.searchsorted(self._keys, np.uint64(key), side="left"))
         end = int(np.searchsorted(self._keys, np.uint64(key), side="right"))
-        column = self.table.column("id")
         for row in self._rows[start:end]:  # one, unless 64-bit prefixes collide
-            if column[int(row)].as_py() == image_id:
+            if self._value(int(row), "id") == image_id:
                 return int(row)
         return None
+
+    def _value(self, row: int, name: str):
+        number = int(np.searchsorted(self._starts, row, side="right")) - 1
+        return self._columns[number][name][row - int(self._starts[number])]
 
     def cluster(self, row: int) -> tuple[int, int]:
         return int(self._clusters[row]), int(self._cluster_sizes[row])
@@ -169,10 +206,9 @@ class Items:
         chunks first, a copy of every row for each request."""
         numbers = np.searchsorted(self._starts, rows, side="right") - 1
         taken = []
-        for row, number in zip(rows, numbers, strict=True):
-            batch = self._batches[number]
-            offset = row - int(self._starts[number])
-            taken.append({name: batch.column(name)[offset].as_py() for name in columns})
+        for row, number in zip(rows, numbers.tolist(), strict=True):
+            batch, offset = self._columns[number], row - int(self._starts[number])
+            taken.append({name: batch[name][offset] for name in columns})
         for row in taken:
             if "metadata" in row:
                 row["metadata"] = json.loads(row["metadata"]) if row["metadata"] else {}

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, create_model
 from starlette.exceptions import HTTPException
 
+from imgembed.service.batching import SearchBatcher
 from imgembed.service.searcher import LiveIndex, QueryError
 
 # JSON bodies carry at most max_batch vectors of ~1024 numbers: 64 x 1024 x ~20 bytes.
@@ -206,6 +207,7 @@ def _filters(pairs: list[str] | None, fields: list[str]) -> dict[str, str]:
 def create_app(live: LiveIndex) -> FastAPI:
     searcher = live.current
     limits = searcher.limits
+    batcher = SearchBatcher()
     fields = searcher.filter_fields
     app = FastAPI(
         title="imgembed",
@@ -348,7 +350,8 @@ def create_app(live: LiveIndex) -> FastAPI:
         image_id: ImageId, k: K = 10, collapse_duplicates: Collapse = False, filter: Filter = None
     ):
         current = live.current
-        hits = current.neighbours(image_id, k, collapse_duplicates, _filters(filter, fields))
+        query = current.neighbours_query(image_id, k, collapse_duplicates, _filters(filter, fields))
+        (hits,) = await batcher.answer(current, query)
         return ORJSONResponse({"metric": current.metric.value, "results": hits})
 
     @app.post(
@@ -361,7 +364,8 @@ def create_app(live: LiveIndex) -> FastAPI:
         current = live.current
         filters = query.filter.model_dump(exclude_none=True) if query.filter else {}
         vectors = np.asarray(query.vectors, dtype=np.float32)
-        results = current.search_vectors(vectors, query.k, query.collapse_duplicates, filters)
+        prepared = current.vectors_query(vectors, query.k, query.collapse_duplicates, filters)
+        results = await batcher.answer(current, prepared)
         return ORJSONResponse({"metric": current.metric.value, "results": results})
 
     # Offered only when the index's model is loaded: the document says what this

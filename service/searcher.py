@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -58,6 +59,18 @@ class Limits:
             < 1
         ):
             raise ValueError(f"service limits must be positive, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """A checked search, ready for faiss: prepared (and transformed) vectors, the
+    neighbours to fetch, the rows a filter allows (None: every row), and what turns
+    faiss's (scores, ids) into the answer's hits."""
+
+    vectors: np.ndarray
+    fetch: int
+    matching: np.ndarray | None
+    finish: Callable[[np.ndarray, np.ndarray], list[list[dict]]]
 
 
 class QueryError(Exception):
@@ -181,21 +194,12 @@ class Searcher:
         self, image_id: str, k: int, collapse: bool = False, filters: dict | None = None
     ) -> list[dict]:
         """The k nearest other images of an indexed image."""
-        self.check_k(k)
-        row = self._row(image_id)
-        vector = self.loaded.index.reconstruct(row)[None]  # as indexed: prepared, transformed
-        hits = self._search(vector, k + 1, collapse, self._checked_filters(filters))[0]
-        return [hit for hit in hits if hit["faiss_id"] != row][:k]
+        return self.answer(self.neighbours_query(image_id, k, collapse, filters))[0]
 
     def search_vectors(
         self, vectors, k: int, collapse: bool = False, filters: dict | None = None
     ) -> list[list[dict]]:
-        self.check_k(k)
-        filters = self._checked_filters(filters)
-        vectors = self._check_vectors(vectors)
-        if self.transform is not None:
-            vectors = self.transform(vectors)
-        return self._search(prepare(vectors, self.metric, "query vectors"), k, collapse, filters)
+        return self.answer(self.vectors_query(vectors, k, collapse, filters))
 
     def search_image(
         self, data: bytes, k: int, collapse: bool = False, filters: dict | None = None
@@ -206,19 +210,55 @@ class Searcher:
             raise QueryError(503, "image_search_unavailable", "image search is off for this service")
         return self.search_vectors(self.images.embed(data), k, collapse, filters)[0]
 
-    # --- searching -----------------------------------------------------------
+    # --- searching: a checked Query, faiss, then its hits -----------------------
 
-    def _search(self, prepared: np.ndarray, k: int, collapse: bool, filters: dict) -> list[list[dict]]:
+    def neighbours_query(
+        self, image_id: str, k: int, collapse: bool = False, filters: dict | None = None
+    ) -> Query:
+        self.check_k(k)
+        row = self._row(image_id)
+        vector = self.loaded.index.reconstruct(row)[None]  # as indexed: prepared, transformed
+        query = self._query(vector, k + 1, collapse, self._checked_filters(filters))
+
+        def without_itself(results: list[list[dict]]) -> list[list[dict]]:
+            return [[hit for hit in results[0] if hit["faiss_id"] != row][:k]]
+
+        return dataclasses.replace(
+            query, finish=lambda scores, found: without_itself(query.finish(scores, found))
+        )
+
+    def vectors_query(self, vectors, k: int, collapse: bool = False, filters: dict | None = None) -> Query:
+        self.check_k(k)
+        filters = self._checked_filters(filters)
+        vectors = self._check_vectors(vectors)
+        if self.transform is not None:
+            vectors = self.transform(vectors)
+        return self._query(prepare(vectors, self.metric, "query vectors"), k, collapse, filters)
+
+    def answer(self, query: Query) -> list[list[dict]]:
+        """Runs ``query`` here and now (service/batching.py runs several in one call)."""
+        if query.matching is None:
+            scores, found = self.search_all(query.vectors, query.fetch)
+        else:
+            scores, found = self._filtered(query.vectors, query.fetch, query.matching)
+        return query.finish(scores, found)
+
+    def search_all(self, prepared: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Unfiltered faiss search of prepared vectors."""
+        return self.loaded.index.search(prepared, fetch)
+
+    def _query(self, prepared: np.ndarray, k: int, collapse: bool, filters: dict) -> Query:
         # Ask for more when collapsing: copies of one image would fill the page.
         fetch = min(self.count, k * 4 if collapse else k)
-        if not filters:
-            scores, found = self.loaded.index.search(prepared, fetch)
-        else:
-            scores, found = self._filtered(prepared, fetch, self.items.matching(filters))
-        return [
-            self._hits(row_scores, row_ids, k, collapse)
-            for row_scores, row_ids in zip(scores, found, strict=True)
-        ]
+
+        def finish(scores: np.ndarray, found: np.ndarray) -> list[list[dict]]:
+            return [
+                self._hits(row_scores, row_ids, k, collapse)
+                for row_scores, row_ids in zip(scores, found, strict=True)
+            ]
+
+        matching = self.items.matching(filters) if filters else None
+        return Query(prepared, fetch, matching, finish)
 
     def _filtered(self, prepared: np.ndarray, fetch: int, matching: np.ndarray):
         """Search among the ``matching`` rows only: exactly when they are few, else with

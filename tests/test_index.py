@@ -364,3 +364,45 @@ def test_pages_of_mapped_re_ranking_vectors_are_given_back_after_measuring(tmp_p
     assert _rss_file_kib() - before < 5_000
     found = mapped.search(vectors[:5], 1)[1][:, 0]  # still readable
     np.testing.assert_array_equal(found, np.arange(5))
+
+
+def test_mapped_columns_read_the_values_arrow_holds(tmp_path):
+    """Items reads values through numpy views of the Arrow buffers: the same values
+    as Arrow's own, with nulls, sliced arrays, large strings and integers."""
+    import pyarrow as pa
+
+    from imgembed.index.items import _MappedColumn
+
+    arrays = [
+        pa.array(["a", None, "", "ünï", "x" * 300], pa.string()),
+        pa.array(["a", None, "", "ünï", "x" * 300], pa.string()).slice(1, 4),
+        pa.array([None, "b", "cd"], pa.large_string()),
+        pa.array([None, None], pa.string()),
+        pa.array([3, None, -7], pa.int32()),
+        pa.array([1.5, None], pa.float64()),
+    ]
+    for array in arrays:
+        column = _MappedColumn(array)
+        assert [column[row] for row in range(len(array))] == array.to_pylist()
+
+
+def test_a_kind_that_misses_the_target_gives_way_to_the_next_and_the_report_says_so(tmp_path, capsys):
+    """Near-ties, as in a corpus of many lightly edited copies: 8-bit codes cannot
+    order 40 copies of one image, so ivf_sq8 misses recall@10 and the build retries
+    with the same codes re-ranked by the raw vectors from disk (ivf_sq8_rflat)."""
+    rng = np.random.default_rng(3)
+    originals = StructuredVectors(64, seed=3).chunk(0, 1000)
+    vectors = np.repeat(originals, 40, axis=0)
+    vectors += 0.002 * np.linalg.norm(vectors, axis=1, keepdims=True) * rng.normal(size=vectors.shape)
+    write_embeddings(str(tmp_path / "emb"), vectors.astype(np.float32))
+    argv = ["--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "index"), "--max-memory", "5M"]
+    assert command.main(argv + ["--no-near-duplicates"]) == 0
+    report = json.loads((live(tmp_path / "index") / "report.json").read_text())
+    assert [tried["kind"] for tried in report["tried"]] == ["ivf_sq8"], report["tried"]
+    assert report["tried"][0]["recall@10"] < 0.95 <= report["recall"]["recall@10"]
+    assert report["index"]["kind"] == "ivf_sq8_rflat" and report["meets_target"]
+    assert "ivf_sq8" in capsys.readouterr().out
+    # A kind that cannot reach the target even searching every list: written, reported, exit 1.
+    assert command.main(argv + ["--no-near-duplicates", "--overwrite", "--index-type", "IVF64,PQ8"]) == 1
+    report = json.loads((live(tmp_path / "index") / "report.json").read_text())
+    assert not report["meets_target"] and report["recall"]["recall@10"] < 0.95

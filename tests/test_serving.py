@@ -208,3 +208,43 @@ def test_schemathesis_finds_nothing_against_the_openapi_document(catalogue, tmp_
             cwd=tmp_path,
         )
     assert completed.returncode == 0, completed.stdout[-6000:]
+
+
+@pytest.mark.parametrize("kind", ["ivf_sq8", "ivf_pq_rflat", "hnsw"])
+def test_searches_batched_together_answer_as_each_alone(catalogue, kind):
+    """Concurrent requests of one worker share faiss calls (service/batching.py),
+    and each gets the answer it gets alone, whatever else was asked with it."""
+    import asyncio
+
+    from imgembed.service.batching import SearchBatcher
+    from imgembed.service.searcher import Searcher
+
+    searcher = Searcher.open(build(catalogue, kind, "--index-type", KINDS[kind]), load_image_model=False)
+    ids = [row["id"] for row in searcher.items.describe(list(range(0, 6000, 97)), ("id",))]
+    queries = [searcher.neighbours_query(image_id, k=5 + n % 3) for n, image_id in enumerate(ids)]
+    queries += [searcher.vectors_query(catalogue_vector(row), k=10) for row in range(1, 6000, 301)]
+    queries += [searcher.neighbours_query(ids[0], k=5, filters={"source": "synthetic://shard2"})]
+    alone = [searcher.answer(query) for query in queries]
+    calls = []
+    search_all = searcher.search_all
+    searcher.search_all = lambda vectors, fetch: calls.append(len(vectors)) or search_all(vectors, fetch)
+
+    async def together():
+        batcher = SearchBatcher()
+        return await asyncio.gather(*(batcher.answer(searcher, query) for query in queries))
+
+    assert asyncio.run(together()) == alone
+    assert sum(calls) == len(queries) - 1 and max(calls) > 1, calls  # the filtered one ran alone
+
+    def broken(vectors, fetch):
+        raise RuntimeError("faiss failed")
+
+    searcher.search_all = broken
+
+    async def failing():
+        batcher = SearchBatcher()
+        return await asyncio.gather(
+            *(batcher.answer(searcher, q) for q in queries[:3]), return_exceptions=True
+        )
+
+    assert [str(error) for error in asyncio.run(failing())] == ["faiss failed"] * 3

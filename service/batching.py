@@ -1,0 +1,106 @@
+"""Searches that arrive together go to faiss together.
+
+An HTTP worker process answers many connections on one event loop. Unfiltered
+searches are queued; one thread runs faiss on everything queued so far in one
+call, while the loop parses the next requests, and those form the next call. No
+request waits for a batch to fill: a lone request is searched at once, and under
+load each call takes what arrived during the previous one. One call over many
+queries turns the coarse quantizer's scan into one matrix product and lets
+fast-scan codes be compared for many queries at a time, and faiss runs while
+Python answers other requests (it releases the GIL).
+
+Only queries of one searcher (index version) and one ``fetch`` share a call, so
+an answer never depends on what else was asked (a larger k re-ranks more
+candidates in some indexes). Filtered searches, each with its own selector, run
+at once on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import numpy as np
+
+from imgembed.service.searcher import Query, Searcher
+
+# Query vectors in one faiss call at most: bounds how long a call keeps the queue waiting.
+MAX_BATCH_ROWS = 256
+
+
+class SearchBatcher:
+    """Belongs to one event loop (one worker process)."""
+
+    def __init__(self):
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="faiss")
+        self._queued: list[tuple[Searcher, Query, asyncio.Future]] = []
+        self._running = False
+        self._drainer: asyncio.Task | None = None  # referenced, so that it is not collected midway
+
+    async def answer(self, searcher: Searcher, query: Query) -> list[list[dict]]:
+        if query.matching is not None:
+            return searcher.answer(query)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queued.append((searcher, query, future))
+        if not self._running:
+            self._running = True
+            self._drainer = loop.create_task(self._drain())
+        scores, found = await future
+        return query.finish(scores, found)
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queued:
+                calls = self._next_calls()
+                results = await loop.run_in_executor(self._thread, _search_calls, calls)
+                for (_, _, waiting), result in zip(calls, results, strict=True):
+                    for future, answer in zip(waiting, result, strict=True):
+                        if future.done():  # the client went away
+                            continue
+                        if isinstance(answer, BaseException):
+                            future.set_exception(answer)
+                        else:
+                            future.set_result(answer)
+        finally:
+            self._running = False
+
+    def _next_calls(self) -> list[tuple[Searcher, list[Query], list[asyncio.Future]]]:
+        """Up to MAX_BATCH_ROWS of the queue (at least one query), one call per
+        (searcher, fetch), in arrival order."""
+        taken, rows = 0, 0
+        while taken < len(self._queued) and (
+            taken == 0 or rows + len(self._queued[taken][1].vectors) <= MAX_BATCH_ROWS
+        ):
+            rows += len(self._queued[taken][1].vectors)
+            taken += 1
+        batch, self._queued = self._queued[:taken], self._queued[taken:]
+        calls: dict[tuple[int, int], tuple[Searcher, list[Query], list[asyncio.Future]]] = {}
+        for searcher, query, future in batch:
+            _, queries, futures = calls.setdefault((id(searcher), query.fetch), (searcher, [], []))
+            queries.append(query)
+            futures.append(future)
+        return list(calls.values())
+
+
+def _search_calls(calls) -> list[list]:
+    """In the faiss thread: one search per call, split back per query (an exception
+    goes to every query of its call)."""
+    results = []
+    for searcher, queries, _ in calls:
+        try:
+            scores, found = searcher.search_all(
+                np.concatenate([query.vectors for query in queries]), queries[0].fetch
+            )
+        except Exception as error:  # noqa: BLE001 (handed to the requests, which answer it)
+            results.append([error] * len(queries))
+            continue
+        bounds = np.cumsum([0] + [len(query.vectors) for query in queries])
+        results.append(
+            [
+                (scores[start:end], found[start:end])
+                for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+            ]
+        )
+    return results
