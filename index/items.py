@@ -130,7 +130,9 @@ class _MappedColumn:
         self._valid = np.frombuffer(validity, np.uint8) if array.null_count else None
         kind = array.type
         if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-            self._offsets = np.frombuffer(buffers[0], np.int64 if pa.types.is_large_string(kind) else np.int32)
+            self._offsets = np.frombuffer(
+                buffers[0], np.int64 if pa.types.is_large_string(kind) else np.int32
+            )
             self._data = memoryview(buffers[1]) if buffers[1] is not None else memoryview(b"")
             self._read = self._string
         elif pa.types.is_integer(kind):
@@ -159,7 +161,8 @@ class Items:
         self._batches = [reader.get_batch(number) for number in range(reader.num_record_batches)]
         self._starts = np.cumsum([0] + [batch.num_rows for batch in self._batches])
         self._columns = [
-            {name: _MappedColumn(batch.column(name)) for name in batch.schema.names} for batch in self._batches
+            {name: _MappedColumn(batch.column(name)) for name in batch.schema.names}
+            for batch in self._batches
         ]
         self.table = pa.Table.from_batches(self._batches, schema=reader.schema)
         self._keys = np.load(os.path.join(version_dir, ID_KEYS_FILE), mmap_mode="r")
