@@ -8,6 +8,11 @@ exact ground truth: recall@10 (the query itself excluded, ties counted) and batc
 
     .venv/bin/python bench/index_benchmark.py                    # 1M x 256 synthetic + real
     .venv/bin/python bench/index_benchmark.py --count 100000     # quicker
+    .venv/bin/python bench/index_benchmark.py --scale-count 5000000 --work /tmp/bench  # + 5M x 256
+
+``--scale-count`` adds one build at scale (structured synthetic vectors with 2%
+near copies, `--max-memory 1G`, default flags, near duplicates on): its wall time
+per phase, peak RSS, recall@10 and batch QPS, from its own report.
 
 Writes docs/benchmarks/index.md. Not a test: timings depend on the machine.
 """
@@ -152,6 +157,59 @@ def bench_dataset(name: str, embeddings: str, budgets: list[str], work: str) -> 
     return rows
 
 
+def bench_scale(count: int, dim: int, budget: str, work: str) -> dict:
+    embeddings = os.path.join(work, f"synthetic-{count}x{dim}-near-copies")
+    if not glob.glob(os.path.join(embeddings, "*.parquet")):
+        write_synthetic_embeddings(embeddings, count, dim, files=max(1, count // 100_000), near_copies=0.02)
+    output = os.path.join(work, f"index-{count}x{dim}-{budget}")
+    binary = os.path.join(os.path.dirname(sys.executable), "imgembed")
+    seconds, peak, _ = run_measured(
+        [
+            binary,
+            "index",
+            "--embeddings",
+            embeddings,
+            "--output",
+            output,
+            "--max-memory",
+            budget,
+            "--overwrite",
+        ]
+    )
+    report = store.read_json(store.load(output).directory, store.REPORT_FILE)
+    return {
+        "data": f"synthetic {count:,}x{dim}",
+        "budget": budget,
+        "index": report["index"]["factory"],
+        "wall_s": seconds,
+        "phases": report["seconds"],
+        "peak_rss": peak,
+        "recall@10": report["recall"]["recall@10"],
+        "qps": report["latency"]["batch_qps"],
+        "duplicates": report["duplicates"],
+    }
+
+
+def scale_markdown(row: dict) -> str:
+    phases = ", ".join(f"{name} {value:.0f} s" for name, value in row["phases"].items())
+    share = row["phases"].get("duplicates", 0) / row["wall_s"]
+    return "\n".join(
+        [
+            "",
+            f"## {row['data']} under `--max-memory {row['budget']}`, default flags",
+            "",
+            "| index | wall | peak RSS | recall@10 | batch QPS | duplicates' share | phases |",
+            "|---|---|---|---|---|---|---|",
+            f"| `{row['index']}` | {row['wall_s']:.0f} s | {format_size(row['peak_rss'])} | "
+            f"{row['recall@10']:.3f} | {row['qps']:,.0f} | {share:.0%} | {phases} |",
+            "",
+            f"Duplicate pass: pair recall {row['duplicates'].get('pair_recall')} on "
+            f"{row['duplicates'].get('pairs_checked')} true pairs of sample rows.",
+            "",
+        ]
+    )
+
+
 def markdown(rows: list[dict], command: str, notes: str) -> str:
     lines = [
         "# Index benchmark: imgembed vs autofaiss",
@@ -179,6 +237,7 @@ def main() -> int:
     parser.add_argument("--budgets", default="300M,100M", help="comma-separated, for the synthetic data")
     parser.add_argument("--real-embeddings", default=None, help="a model folder of `imgembed embed` output")
     parser.add_argument("--real-budgets", default="1G,1M")
+    parser.add_argument("--scale-count", type=int, default=0, help="also one default build this large")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks", "index.md"))
     args = parser.parse_args()
@@ -204,8 +263,11 @@ def main() -> int:
     )
     command = "python bench/index_benchmark.py " + " ".join(sys.argv[1:])
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    text = markdown(rows, command.strip(), notes)
+    if args.scale_count:
+        text += scale_markdown(bench_scale(args.scale_count, args.dim, "1G", work))
     with open(args.output, "w") as file:
-        file.write(markdown(rows, command.strip(), notes))
+        file.write(text)
     print(f"wrote {args.output}")
     return 0
 

@@ -269,7 +269,7 @@ def test_existing_index_is_not_replaced_without_overwrite(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("factory", "group_bytes"),
     [("IVF64,Flat", 64 * 2**20), ("IVF64,Flat", 200_000), ("Flat", 64 * 2**20)],
-    ids=["ivf-lists", "ivf-lists-in-27-group-files", "kmeans-lists"],
+    ids=["ivf-lists", "ivf-lists-in-many-group-files", "kmeans-lists"],
 )
 def test_near_duplicates_found_list_by_list_are_the_pairs_exact_search_finds(
     tmp_path, monkeypatch, factory, group_bytes
@@ -364,6 +364,46 @@ def test_pages_of_mapped_re_ranking_vectors_are_given_back_after_measuring(tmp_p
     assert _rss_file_kib() - before < 5_000
     found = mapped.search(vectors[:5], 1)[1][:, 0]  # still readable
     np.testing.assert_array_equal(found, np.arange(5))
+
+
+def test_measuring_a_mapped_re_ranked_index_maps_a_bounded_share_of_it(tmp_path, monkeypatch):
+    """Recall and latency are measured in batches small enough that the pages their
+    re-ranking maps (64 KB around each candidate row) stay under MAPPED_PER_BATCH
+    before they are given back; the answers are those of one big search."""
+    from imgembed.index import evaluate, mapped_pages
+
+    vectors = prepare(StructuredVectors(256, seed=6).chunk(0, 100_000), Metric.COSINE)
+    index = faiss.index_factory(256, "IVF64,PQ32x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors[:20_000])
+    index.add(vectors)
+    path = str(tmp_path / "index.faiss")
+    faiss.write_index(index, path)  # 100 MB of raw vectors, cached in large folios
+    mapped_pages.watch(path)
+    mapped = faiss.read_index(path, store.MAPPED)
+    faiss.ParameterSpace().set_index_parameters(mapped, "nprobe=8,k_factor_rf=8")
+    queries = vectors[:200]
+    before = _rss_file_kib()
+    expected = mapped.search(queries, 11)  # one search: 17,600 candidate rows
+    assert _rss_file_kib() - before > 50_000
+    mapped_pages.release()
+
+    monkeypatch.setattr(evaluate, "MAPPED_PER_BATCH", 16 * 2**20)
+    peaks = []
+    release = mapped_pages.release
+
+    def measured_release():
+        peaks.append(_rss_file_kib() - before)
+        release()
+
+    monkeypatch.setattr(mapped_pages, "release", measured_release)
+    assert evaluate.batch_size(mapped, 11) == 2  # 11 x 8 rows x 64 KB a query
+    scores, found = evaluate.search(mapped, queries, 11)
+    truth = QuerySet(np.arange(200), queries, expected[1], expected[0], True)
+    timing = evaluate.latency(mapped, truth, 10)
+    assert timing["batch_size"] == evaluate.batch_size(mapped, 10) == 3
+    assert max(peaks) < 30_000, max(peaks)
+    np.testing.assert_array_equal(found, expected[1])
+    np.testing.assert_allclose(scores, expected[0], rtol=1e-6)
 
 
 def test_mapped_columns_read_the_values_arrow_holds(tmp_path):

@@ -25,13 +25,15 @@ from tests.servers import serve
 BIN = os.path.dirname(sys.executable)
 DIM = 64
 COLOURS = ["red"] * 8 + ["green", "blue"]  # red: most of the corpus; blue: a tenth
-# The factories the chooser produces (index/choose.py), at this corpus's size.
+# The factories the chooser produces (index/choose.py), at this corpus's size, and
+# the HNSW coarse quantizer it adds from 4,096 lists.
 KINDS = {
     "flat": "Flat",
     "hnsw": "HNSW32",
     "ivf_flat": "IVF32,Flat",
     "ivf_sq8": "IVF32,SQ8",
     "ivf_pq_rflat": "IVF32,PQ16x4fs,RFlat",
+    "ivf_hnsw_sq8": "IVF32_HNSW32,SQ8",
 }
 
 
@@ -113,7 +115,7 @@ def test_every_index_kind_is_served_and_queried(catalogue, kind):
         assert found[0]["id"] == target  # an index of these vectors finds each one first
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf_sq8", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf_sq8", "hnsw", "ivf_hnsw_sq8"])
 def test_filters_return_k_matching_items_whenever_k_exist(catalogue, kind):
     index = build(catalogue, kind, "--index-type", KINDS[kind])
     target = image_id("synthetic://shard0/000007.jpg")
