@@ -19,10 +19,10 @@ vectors inside index.faiss for ``*_rflat`` indexes, else the embeddings) sorts
 them on disk into group files of neighbouring lists, each small enough to load
 whole; the lists are then compared group by group, a row visiting a list of its
 own group at once, and the rows that visit a list of another group are sorted
-the same way into guest files, compared with that list's residents last. (Reading rows by id from a memory map instead cost a page
-fault a row and up to 3.4 GB of mapped pages on 5M x 256.) ``pair_recall`` in the
-report is the share of true pairs (exact search, sample rows) that ended in one
-cluster.
+the same way into guest files, compared with that list's residents last.
+(Reading rows by id from a memory map instead cost a page fault a row and up to
+3.4 GB of mapped pages on 5M x 256.) ``pair_recall`` in the report is the share of
+true pairs (exact search, sample rows) that ended in one cluster.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from imgembed.index.vectors import Metric, prepare
 # One group file of neighbouring lists, loaded whole while its lists are compared
 # (with two copies while sorting): about 64 MB, unless that makes more than
 # MAX_GROUPS files. Groups are a k-means of the lists' centroids, weighted by their
-# sizes (at 5M x 256, 80 groups of 17k to 116k rows): a row's second list was in
+# sizes (at 5M x 256, 78 groups of 17k to 116k rows): a row's second list was in
 # its own group for 73% of the rows, against 1% for groups of consecutive lists.
 GROUP_BYTES = 64 * 2**20
 MAX_GROUPS = 256
@@ -185,7 +185,7 @@ def record_dtype(dim: int) -> np.dtype:
 
 
 class ListGroups:
-    """Rows sorted on disk by list into group files of consecutive lists, each read
+    """Rows sorted on disk by list into group files (``group_of_list``), each read
     back whole: records of (row, list, unit vector), appended in any order."""
 
     def __init__(self, folder: str, name: str, dim: int, group_of_list: np.ndarray):

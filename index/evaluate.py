@@ -28,9 +28,10 @@ LATENCY_QUERIES = 200
 DEEP_RECALL_QUERIES = 200
 # Queries searched at once when measuring recall, at most.
 SEARCH_BATCH = 100
-# A query re-ranked from memory-mapped raw vectors maps, for each candidate row, the
-# 64 KB around it (the kernel's fault-around, whatever the row size: 10,000 random
-# 1 KB rows of a 5 GB file mapped 595 MB, madvise(MADV_RANDOM) or not). Batches are
+# A query re-ranked from memory-mapped raw vectors maps, for each candidate row, up
+# to the 64 KB around it (the kernel's fault-around, whatever the row size, once
+# index/mapped_pages.py has cached the file in base pages: 10,000 random 1 KB rows
+# of a 5 GB file mapped 484 to 595 MB, madvise(MADV_RANDOM) or not). Batches are
 # sized so that no more than MAPPED_PER_BATCH piles up before it is given back: one
 # batch of 100 queries at k 101 x k_factor 64 had mapped the whole 5 GB.
 MAPPED_PER_ROW = 64 * 1024
