@@ -5,7 +5,8 @@
 Several worker processes (``--workers``, default one per core) share the index's
 memory-mapped files; each follows the index's live version (a new build or
 ``imgembed index --add`` is served within --reload-seconds, without a failed
-request). HTTP is uvicorn's with httptools and uvloop.
+request). HTTP is uvicorn's with httptools and uvloop; each worker accepts on its
+own socket (service/workers.py).
 """
 
 from __future__ import annotations
@@ -98,8 +99,7 @@ def app_from_environment():
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    import uvicorn
-
+    from imgembed.service import workers
     from imgembed.service.searcher import LiveIndex
 
     try:
@@ -108,7 +108,8 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--workers must be at least 1, got {args.workers}")
         # Opened once here first: a bad index stops the command with one line, not every worker.
         checked = LiveIndex(args.index, limits, load_image_model=False)
-    except (IndexInputError, ValueError) as error:
+        sockets = workers.listening_sockets(args.host, args.port, args.workers)
+    except (IndexInputError, ValueError, workers.CannotListenError) as error:
         print(f"imgembed serve: {error}", file=sys.stderr)
         return 2
     # Image queries take one core each at a time, shared out between the workers.
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> int:
         }
     )
     print(
-        f"Serving {checked.current.count:,} images from {args.index} on http://{args.host}:{args.port}/ "
+        f"Serving {checked.current.count:,} images from {args.index} on http://{args.host}:{sockets[0].getsockname()[1]}/ "
         f"({args.workers} worker{'s' if args.workers > 1 else ''})",
         flush=True,
     )
@@ -132,15 +133,12 @@ def main(argv: list[str]) -> int:
     # count, so the search thread ran faiss on two OpenMP threads whose spinning took
     # as much CPU as the search itself (wrk by id: 1,250 requests/s).
     os.environ["OMP_NUM_THREADS"] = "1"
-    uvicorn.run(
-        "imgembed.service.command:app_from_environment",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        http="httptools",
-        loop="uvloop",
-        log_level="warning",
-        access_log=False,
-    )
-    return 0
+    config = {
+        "app": "imgembed.service.command:app_from_environment",
+        "factory": True,
+        "http": "httptools",
+        "loop": "uvloop",
+        "log_level": "warning",
+        "access_log": False,
+    }
+    return workers.run(config, sockets)

@@ -53,3 +53,25 @@ def serve(index_dir, *flags: str):
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+def connections_by_process(port: int) -> dict[int, int]:
+    """How many established TCP connections to local ``port`` each process holds,
+    read from /proc as `ss -tnp` would: which worker accepted what."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                local_port, state = int(fields[1].rsplit(":", 1)[1], 16), fields[3]
+                if local_port == port and state == "01":  # ESTABLISHED, server side
+                    inodes.add(f"socket:[{fields[9]}]")
+    counts = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            held = sum(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd"))
+        except OSError:  # ended meanwhile, or not ours
+            continue
+        if held:
+            counts[int(pid)] = held
+    return counts
