@@ -95,8 +95,8 @@ class ImageModel:
         self.spec_metadata = manifest.get("model")
         self.model = None
         self.error = "this index was not built from images (no preprocessing recorded)"
-        threads = threads or os.cpu_count() or 1
-        self._gate = threading.BoundedSemaphore(threads)
+        self.threads = threads or os.cpu_count() or 1  # images embedded at once
+        self._gate = threading.BoundedSemaphore(self.threads)
         if self.preprocessing is None:
             return
         try:
