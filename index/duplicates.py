@@ -201,8 +201,11 @@ class ListGroups:
         group = self.group_of_list[lists]
         order = np.argsort(group, kind="stable")
         bounds = np.searchsorted(group[order], np.arange(len(self.paths) + 1))
+        records = records[order]
         for number in np.flatnonzero(np.diff(bounds)):
-            records[order[bounds[number] : bounds[number + 1]]].tofile(self._files[number])
+            # file.write, not ndarray.tofile: tofile dups and re-opens the file on
+            # every call, and the guests of one list are a few small writes each.
+            self._files[number].write(records[bounds[number] : bounds[number + 1]].data)
 
     def finish(self) -> None:
         for file in self._files:
@@ -216,9 +219,9 @@ class ListGroups:
         records = np.fromfile(self.paths[group], self.dtype)
         if not len(records):  # k-means list sizes are estimates: a group may get no rows
             return
-        records = records[np.argsort(records["list"], kind="stable")]
-        numbers, starts = np.unique(records["list"], return_index=True)
-        rows, vectors = records["row"], np.ascontiguousarray(records["vector"])
+        order = np.argsort(records["list"], kind="stable")
+        numbers, starts = np.unique(records["list"][order], return_index=True)
+        rows, vectors = records["row"][order], np.take(records["vector"], order, axis=0)
         del records
         for number, start, end in zip(numbers, starts, np.r_[starts[1:], len(rows)], strict=True):
             yield int(number), rows[start:end], vectors[start:end]
@@ -242,7 +245,7 @@ def _list_links(rows: np.ndarray, vectors: np.ndarray, threshold: float) -> tupl
     count = len(rows)
     left, right = [], []
     for start in range(0, count, BLOCK_ROWS):
-        block_left, block_right = np.nonzero(vectors[start : start + BLOCK_ROWS] @ vectors.T >= threshold)
+        block_left, block_right = _at_least(vectors[start : start + BLOCK_ROWS] @ vectors.T, threshold)
         upper = block_right > block_left + start
         left.append(block_left[upper] + start)
         right.append(block_right[upper])
@@ -329,10 +332,16 @@ def _cross_links(
     """Links between rows visiting a list and that list's residents."""
     left, right = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     for start in range(0, len(guest_rows), BLOCK_ROWS):
-        guest, resident = np.nonzero(guest_vectors[start : start + BLOCK_ROWS] @ members.T >= threshold)
+        guest, resident = _at_least(guest_vectors[start : start + BLOCK_ROWS] @ members.T, threshold)
         left.append(guest_rows[start + guest])
         right.append(rows[resident])
     return np.concatenate(left), np.concatenate(right)
+
+
+def _at_least(similarities: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of the entries >= threshold; as np.nonzero, which takes seven
+    times longer on these matrices (0.64 against 0.09 ms on 610 x 610)."""
+    return np.divmod(np.flatnonzero(similarities >= threshold), similarities.shape[1])
 
 
 def _advance(phase, rows: int) -> None:
