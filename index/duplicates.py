@@ -180,35 +180,43 @@ def kmeans_lists(raw: EmbeddingSource, seed: int) -> CoarseLists:
     return CoarseLists.from_centroids(kmeans.centroids, np.ceil(sizes).astype(np.int64), assign)
 
 
-def record_dtype(dim: int) -> np.dtype:
-    return np.dtype([("row", "<i8"), ("list", "<i4"), ("vector", "<f4", (dim,))])
+# What a group file says of each row besides its vector (kept in a file of its own:
+# records of (row, list, vector) cost a strided copy of every vector when sorted).
+KEY_DTYPE = np.dtype([("row", "<i8"), ("list", "<i4")])
+
+
+def row_bytes(dim: int) -> int:
+    return KEY_DTYPE.itemsize + 4 * dim
 
 
 class ListGroups:
-    """Rows sorted on disk by list into group files (``group_of_list``), each read
-    back whole: records of (row, list, unit vector), appended in any order."""
+    """Rows sorted on disk by list into groups (``group_of_list``), each read back
+    whole: a group is a file of keys (row, list) and a file of unit vectors, in the
+    same order, appended in any order."""
 
     def __init__(self, folder: str, name: str, dim: int, group_of_list: np.ndarray):
-        self.dtype = record_dtype(dim)
+        self.dim = dim
         self.group_of_list = group_of_list
         count = int(self.group_of_list.max()) + 1
-        self.paths = [os.path.join(folder, f"{name}-{group:05d}.records") for group in range(count)]
-        self._files = [open(path, "wb") for path in self.paths]  # noqa: SIM115 (closed by finish())
+        self.paths = [os.path.join(folder, f"{name}-{group:05d}") for group in range(count)]
+        # Closed by finish().
+        self._keys = [open(path + ".keys", "wb") for path in self.paths]  # noqa: SIM115
+        self._vectors = [open(path + ".vectors", "wb") for path in self.paths]  # noqa: SIM115
 
     def append(self, rows: np.ndarray, lists: np.ndarray, vectors: np.ndarray) -> None:
-        records = np.empty(len(rows), self.dtype)
-        records["row"], records["list"], records["vector"] = rows, lists, vectors
         group = self.group_of_list[lists]
         order = np.argsort(group, kind="stable")
         bounds = np.searchsorted(group[order], np.arange(len(self.paths) + 1))
-        records = records[order]
+        keys = np.empty(len(rows), KEY_DTYPE)
+        keys["row"], keys["list"] = rows[order], lists[order]
+        vectors = np.take(vectors, order, axis=0)
         for number in np.flatnonzero(np.diff(bounds)):
-            # file.write, not ndarray.tofile: tofile dups and re-opens the file on
-            # every call, and the guests of one list are a few small writes each.
-            self._files[number].write(records[bounds[number] : bounds[number + 1]].data)
+            # file.write, not ndarray.tofile: tofile dups and re-opens the file on every call.
+            self._keys[number].write(keys[bounds[number] : bounds[number + 1]].data)
+            self._vectors[number].write(vectors[bounds[number] : bounds[number + 1]].data)
 
     def finish(self) -> None:
-        for file in self._files:
+        for file in self._keys + self._vectors:
             file.close()
 
     def __len__(self) -> int:
@@ -216,13 +224,13 @@ class ListGroups:
 
     def lists_in(self, group: int):
         """(list number, rows, [rows, dim] unit vectors) of every list in ``group``."""
-        records = np.fromfile(self.paths[group], self.dtype)
-        if not len(records):  # k-means list sizes are estimates: a group may get no rows
+        keys = np.fromfile(self.paths[group] + ".keys", KEY_DTYPE)
+        if not len(keys):  # k-means list sizes are estimates: a group may get no rows
             return
-        order = np.argsort(records["list"], kind="stable")
-        numbers, starts = np.unique(records["list"][order], return_index=True)
-        rows, vectors = records["row"][order], np.take(records["vector"], order, axis=0)
-        del records
+        vectors = np.fromfile(self.paths[group] + ".vectors", np.float32).reshape(len(keys), self.dim)
+        order = np.argsort(keys["list"], kind="stable")
+        numbers, starts = np.unique(keys["list"][order], return_index=True)
+        rows, vectors = keys["row"][order], np.take(vectors, order, axis=0)
         for number, start, end in zip(numbers, starts, np.r_[starts[1:], len(rows)], strict=True):
             yield int(number), rows[start:end], vectors[start:end]
 
@@ -287,7 +295,7 @@ def near_duplicate_links(
     compared when that list's group is loaded again. ``phase`` advances three times
     a row: sorting into groups, comparing in the own list, in the visited one."""
     radius = math.sqrt(max(0.0, 2 * (1 - threshold)))  # between unit vectors at that cosine
-    group_of_list = lists.groups(record_dtype(dim).itemsize)
+    group_of_list = lists.groups(row_bytes(dim))
     residents = ListGroups(folder, "rows", dim, group_of_list)
     guests = ListGroups(folder, "guests", dim, group_of_list)
     count = 0
@@ -301,6 +309,7 @@ def near_duplicate_links(
     visitors = 0
     for group in range(len(residents)):
         loaded = {number: (rows, members) for number, rows, members in residents.lists_in(group)}
+        leaving = []  # this group's guests, written at once: one write a list cost 1.3 ms each
         for number, (rows, members) in loaded.items():
             links.append(_list_links(rows, members, threshold))
             target = lists.other_list(number, members, radius)
@@ -311,8 +320,10 @@ def near_duplicate_links(
                 visiting = target == other
                 links.append(_cross_links(rows[visiting], members[visiting], *loaded[other], threshold))
             away = going & ~here
-            guests.append(rows[away], target[away], members[away])
+            leaving.append((rows[away], target[away], members[away]))
             _advance(phase, 2 * len(rows) - int(away.sum()))  # the guests count when compared
+        if leaving:
+            guests.append(*(np.concatenate(parts) for parts in zip(*leaving, strict=True)))
     guests.finish()
     for group in range(len(residents)):
         visiting = {number: (rows, vectors) for number, rows, vectors in guests.lists_in(group)}
