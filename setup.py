@@ -35,6 +35,8 @@ setup(
         "tensorflow-transform>=1.16,<1.22",
         "pyarrow>=14,<26",
         "faiss-cpu>=1.8,<2",
+        # One BLAS thread per group while near-duplicate groups are compared side by side.
+        "threadpoolctl>=3.1",
         "numpy>=1.26",
         "pillow>=10",
         # TFLite's runtime (LiteRT), for .tflite models and the fast CPU backend.

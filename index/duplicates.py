@@ -27,7 +27,9 @@ true pairs (exact search, sample rows) that ended in one cluster.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -40,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from threadpoolctl import threadpool_limits
 
 from imgembed.index.evaluate import QuerySet, exact_neighbours, without_self
 from imgembed.index.faiss_index import is_ivf
@@ -60,6 +63,8 @@ BLOCK_ROWS = 2048
 # The lists next to a row's own among which the one it also visits is found: at 141
 # lists of 64-d vectors, 8 covered 95% of the pairs, 64 covered 99.3%.
 NEIGHBOUR_LISTS = 64
+# Groups compared at once (each holds about three times GROUP_BYTES).
+PARALLEL_GROUPS = max(1, min(4, os.cpu_count() or 1))
 # Sample rows whose exact neighbours measure the pass when no query set is given.
 RECALL_SAMPLE = 500
 RECALL_NEIGHBOURS = 100
@@ -202,6 +207,8 @@ class ListGroups:
         # Closed by finish().
         self._keys = [open(path + ".keys", "wb") for path in self.paths]  # noqa: SIM115
         self._vectors = [open(path + ".vectors", "wb") for path in self.paths]  # noqa: SIM115
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="group-files")
+        self._writing: concurrent.futures.Future | None = None
 
     def append(self, rows: np.ndarray, lists: np.ndarray, vectors: np.ndarray) -> None:
         group = self.group_of_list[lists]
@@ -210,12 +217,22 @@ class ListGroups:
         keys = np.empty(len(rows), KEY_DTYPE)
         keys["row"], keys["list"] = rows[order], lists[order]
         vectors = np.take(vectors, order, axis=0)
+        # Written by a thread of its own while the caller reads and sorts the next
+        # batch; one batch at a time, so that no more than two are held.
+        if self._writing is not None:
+            self._writing.result()
+        self._writing = self._writer.submit(self._write, keys, vectors, bounds)
+
+    def _write(self, keys: np.ndarray, vectors: np.ndarray, bounds: np.ndarray) -> None:
         for number in np.flatnonzero(np.diff(bounds)):
             # file.write, not ndarray.tofile: tofile dups and re-opens the file on every call.
             self._keys[number].write(keys[bounds[number] : bounds[number + 1]].data)
             self._vectors[number].write(vectors[bounds[number] : bounds[number + 1]].data)
 
     def finish(self) -> None:
+        if self._writing is not None:
+            self._writing.result()
+        self._writer.shutdown()
         for file in self._keys + self._vectors:
             file.close()
 
@@ -307,34 +324,75 @@ def near_duplicate_links(
     residents.finish()
     links = [(np.empty(0, np.int64), np.empty(0, np.int64))]
     visitors = 0
-    for group in range(len(residents)):
-        loaded = {number: (rows, members) for number, rows, members in residents.lists_in(group)}
-        leaving = []  # this group's guests, written at once: one write a list cost 1.3 ms each
-        for number, (rows, members) in loaded.items():
-            links.append(_list_links(rows, members, threshold))
-            target = lists.other_list(number, members, radius)
-            going = target >= 0
-            visitors += int(going.sum())
-            here = going & (group_of_list[np.maximum(target, 0)] == group)
-            for other in np.unique(target[here]):
-                visiting = target == other
-                links.append(_cross_links(rows[visiting], members[visiting], *loaded[other], threshold))
-            away = going & ~here
-            leaving.append((rows[away], target[away], members[away]))
-            _advance(phase, 2 * len(rows) - int(away.sum()))  # the guests count when compared
-        if leaving:
-            guests.append(*(np.concatenate(parts) for parts in zip(*leaving, strict=True)))
-    guests.finish()
-    for group in range(len(residents)):
-        visiting = {number: (rows, vectors) for number, rows, vectors in guests.lists_in(group)}
-        if not visiting:
-            continue
+    # Groups are compared side by side, each on one BLAS thread: a group's matrix
+    # products are small, and most of its time is single-threaded numpy (reading,
+    # sorting, thresholds) that left a core idle.
+    with threadpool_limits(1, user_api="blas"):
+        compare = functools.partial(_compare_group, residents, lists, radius, threshold)
+        for group_links, leaving, visiting, compared in _in_parallel(compare, range(len(residents))):
+            links += group_links
+            visitors += visiting
+            if leaving is not None:
+                guests.append(*leaving)
+            _advance(phase, compared)
+        guests.finish()
+        welcome = functools.partial(_welcome_guests, residents, guests, threshold)
+        for group_links, compared in _in_parallel(welcome, range(len(residents))):
+            links += group_links
+            _advance(phase, compared)
+    left, right = zip(*links, strict=True)
+    return np.concatenate(left), np.concatenate(right), visitors / max(1, count)
+
+
+def _compare_group(residents: ListGroups, lists: CoarseLists, radius: float, threshold: float, group: int):
+    """Compares each list of ``group`` with itself and with the neighbouring list its
+    rows visit when that list is in the group too. Returns the links, the rows
+    visiting lists of other groups (rows, lists, vectors; None if none), how many
+    rows visit a second list, and how many comparisons of rows were made."""
+    loaded = {number: (rows, members) for number, rows, members in residents.lists_in(group)}
+    links, leaving, visiting_rows, compared = [], [], 0, 0
+    for number, (rows, members) in loaded.items():
+        links.append(_list_links(rows, members, threshold))
+        target = lists.other_list(number, members, radius)
+        going = target >= 0
+        visiting_rows += int(going.sum())
+        here = going & (residents.group_of_list[np.maximum(target, 0)] == group)
+        for other in np.unique(target[here]):
+            visiting = target == other
+            links.append(_cross_links(rows[visiting], members[visiting], *loaded[other], threshold))
+        away = going & ~here
+        leaving.append((rows[away], target[away], members[away]))  # written once a group
+        compared += 2 * len(rows) - int(away.sum())  # the guests count when compared
+    gone = tuple(np.concatenate(parts) for parts in zip(*leaving, strict=True)) if leaving else None
+    return links, gone, visiting_rows, compared
+
+
+def _welcome_guests(residents: ListGroups, guests: ListGroups, threshold: float, group: int):
+    """Compares the rows visiting lists of ``group`` with those lists' residents."""
+    visiting = {number: (rows, vectors) for number, rows, vectors in guests.lists_in(group)}
+    links, compared = [], 0
+    if visiting:
         for number, rows, members in residents.lists_in(group):
             if number in visiting:
                 links.append(_cross_links(*visiting[number], rows, members, threshold))
-                _advance(phase, len(visiting[number][0]))
-    left, right = zip(*links, strict=True)
-    return np.concatenate(left), np.concatenate(right), visitors / max(1, count)
+                compared += len(visiting[number][0])
+    return links, compared
+
+
+def _in_parallel(function, items):
+    """``function(item)`` for every item on PARALLEL_GROUPS threads, yielded as they
+    finish; at most twice that many are pending, so that finished groups waiting to
+    be taken do not pile up."""
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL_GROUPS, thread_name_prefix="duplicates") as pool:
+        pending = set()
+        for item in items:
+            pending.add(pool.submit(function, item))
+            if len(pending) >= 2 * PARALLEL_GROUPS:
+                done, pending = concurrent.futures.wait(
+                    pending, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                yield from (future.result() for future in done)
+        yield from (future.result() for future in concurrent.futures.as_completed(pending))
 
 
 def _cross_links(
@@ -395,19 +453,22 @@ def write_duplicates(
     if raw.first_id != 0 or raw.count != items.num_rows:
         raise ValueError("duplicates are found over a whole index: rows 0 to n - 1")
     count = items.num_rows
-    exact_left, exact_right = exact_duplicate_links(items.column("sha256"))
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="exact-duplicates") as beside:
+        # Arrow sorts the hashes without the GIL, beside the near-duplicate pass.
+        exact_links = beside.submit(exact_duplicate_links, items.column("sha256"))
+        lists_per_row = None
+        if threshold is not None:
+            over_raw = indexed.transform is None  # else the index's lists and vectors are in its own space
+            lists = ivf_lists(index, count) if over_raw and is_ivf(index) else kmeans_lists(raw, SAMPLE_SEED)
+            in_index = refine_vectors(index, index_path) if over_raw else None
+            batches = unit_batches(raw, None if in_index is None else (index_path, *in_index))
+            # Scratch files beside the index (a tmpfs /tmp would hold them in RAM).
+            with tempfile.TemporaryDirectory(prefix="duplicates-", dir=os.path.dirname(index_path)) as folder:
+                near = near_duplicate_links(batches, lists, raw.raw_dim, threshold, folder, phase)
+        exact_left, exact_right = exact_links.result()
     left, right = [exact_left], [exact_right]
-    lists_per_row = None
     if threshold is not None:
-        over_raw = indexed.transform is None  # else the index's lists and vectors are in its own space
-        lists = ivf_lists(index, count) if over_raw and is_ivf(index) else kmeans_lists(raw, SAMPLE_SEED)
-        in_index = refine_vectors(index, index_path) if over_raw else None
-        batches = unit_batches(raw, None if in_index is None else (index_path, *in_index))
-        # Scratch files beside the index (a tmpfs /tmp would hold them in RAM).
-        with tempfile.TemporaryDirectory(prefix="duplicates-", dir=os.path.dirname(index_path)) as folder:
-            near_left, near_right, lists_per_row = near_duplicate_links(
-                batches, lists, raw.raw_dim, threshold, folder, phase
-            )
+        near_left, near_right, lists_per_row = near
         left.append(near_left)
         right.append(near_right)
     left_ids, right_ids = np.concatenate(left), np.concatenate(right)
