@@ -19,7 +19,8 @@ vectors inside index.faiss for ``*_rflat`` indexes, else the embeddings) sorts
 them on disk into group files of neighbouring lists, each small enough to load
 whole; the lists are then compared group by group, a row visiting a list of its
 own group at once, and the rows that visit a list of another group are sorted
-the same way into guest files, compared with that list's residents last.
+the same way into guest files, compared with that list's residents last. Groups
+are compared side by side, one per core (up to PARALLEL_GROUPS).
 (Reading rows by id from a memory map instead cost a page fault a row and up to
 3.4 GB of mapped pages on 5M x 256.) ``pair_recall`` in the report is the share of
 true pairs (exact search, sample rows) that ended in one cluster.
