@@ -14,7 +14,9 @@ stays responsive.
 
 The sockets are made here, in the supervisor, and outlive their workers:
 connections that reach a worker's socket while it restarts wait in the socket's
-backlog for the replacement.
+backlog for the replacement. A worker that dies is reported and replaced; one
+that keeps dying right after it starts (CRASH_LOOP_*) stops the service, since
+restarting it again would only hide the fault.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import socket
+import sys
 import threading
+import time
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -34,6 +38,10 @@ multiprocessing.allow_connection_pickling()
 _SPAWN = multiprocessing.get_context("spawn")
 BACKLOG = 2048  # uvicorn's default
 STOP_SECONDS = 30  # a worker still busy this long after SIGTERM is killed
+# A worker that dies within CRASH_LOOP_SECONDS of starting, CRASH_LOOP_DEATHS times
+# running, has a fault that another restart will not fix.
+CRASH_LOOP_SECONDS = 30
+CRASH_LOOP_DEATHS = 5
 
 
 class CannotListenError(OSError):
@@ -70,8 +78,8 @@ def _serve(listener: socket.socket, config: dict) -> None:
 
 def run(config: dict, sockets: list[socket.socket]) -> int:
     """Serves ``uvicorn.Config(**config)`` with one worker per socket until SIGINT or
-    SIGTERM, replacing a worker that dies. Returns 1 if a worker could not start
-    (its error is in the log), 0 otherwise."""
+    SIGTERM, replacing a worker that dies. Returns 1 if a worker could not start, or
+    kept dying as soon as it started (the reason is on stderr), 0 otherwise."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -79,25 +87,48 @@ def run(config: dict, sockets: list[socket.socket]) -> int:
     def start(listener: socket.socket):
         worker = _SPAWN.Process(target=_serve, args=(listener, config), daemon=True)
         worker.start()
-        return worker
+        return worker, time.monotonic()
 
     workers = [start(listener) for listener in sockets]
+    early_deaths = [0] * len(sockets)
     failed = False
     while not stop.wait(0.5):
-        for slot, worker in enumerate(workers):
+        for slot, (worker, started) in enumerate(workers):
             if worker.is_alive():
                 continue
             if worker.exitcode == STARTUP_FAILURE:  # the app cannot load: every restart would fail alike
                 failed = True
-                stop.set()
                 break
+            early_deaths[slot] = (
+                early_deaths[slot] + 1 if time.monotonic() - started < CRASH_LOOP_SECONDS else 0
+            )
+            if early_deaths[slot] >= CRASH_LOOP_DEATHS:
+                _say(
+                    f"a worker died {early_deaths[slot]} times running within {CRASH_LOOP_SECONDS} s "
+                    f"of starting (the last {_death(worker.exitcode)}); stopping"
+                )
+                failed = True
+                break
+            _say(f"worker {worker.pid} {_death(worker.exitcode)}; starting another")
             workers[slot] = start(sockets[slot])
-    for worker in workers:
+        if failed:
+            break
+    for worker, _ in workers:
         if worker.is_alive():
             worker.terminate()
-    for worker in workers:
+    for worker, _ in workers:
         worker.join(STOP_SECONDS)
         if worker.is_alive():
             worker.kill()
             worker.join()
     return 1 if failed else 0
+
+
+def _death(exitcode: int) -> str:
+    if exitcode < 0:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode}"
+
+
+def _say(message: str) -> None:
+    print(f"imgembed serve: {message}", file=sys.stderr, flush=True)

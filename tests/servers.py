@@ -23,11 +23,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(index_dir, *flags: str):
-    """Yields the base URL once /health answers; stops the server afterwards."""
+def serve(index_dir, *flags: str, log_path=None):
+    """Yields the base URL once /health answers; stops the server afterwards. Its
+    output goes to ``log_path`` when given."""
     port = free_port()
     # Its log goes to a file: a pipe nobody reads would fill up and stall the server.
-    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
+    log = open(log_path, "w+") if log_path else tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         [os.path.join(BIN, "imgembed"), "serve", "--index", str(index_dir), "--port", str(port), *flags],
         stdout=log,
@@ -53,6 +54,23 @@ def serve(index_dir, *flags: str):
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+def child_processes(pid: int) -> list[int]:
+    """The worker processes ``pid`` spawned (multiprocessing's spawn_main children)."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as listed:
+            children += [int(child) for child in listed.read().split()]
+    workers = []
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                if b"spawn_main" in cmdline.read():
+                    workers.append(child)
+        except FileNotFoundError:
+            pass
+    return workers
 
 
 def connections_by_process(port: int) -> dict[int, int]:

@@ -5,11 +5,13 @@ request, and schemathesis finds nothing against the OpenAPI document."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -20,7 +22,7 @@ from imgembed.common.embedding_files import image_id
 from imgembed.index import command as index_command
 from tests.conftest import live, require_tool
 from tests.gcs import TOOLS
-from tests.servers import connections_by_process, serve
+from tests.servers import child_processes, connections_by_process, serve
 
 BIN = os.path.dirname(sys.executable)
 DIM = 64
@@ -220,7 +222,7 @@ def burst_of_health_checks(port: int, count: int = 32, while_stopped: int | None
     return shares
 
 
-def test_each_worker_accepts_its_share_of_connections_and_a_dead_one_is_replaced(catalogue):
+def test_each_worker_accepts_its_share_of_connections_and_a_dead_one_is_replaced(catalogue, tmp_path):
     """Each worker accepts on its own socket (service/workers.py), and the kernel
     deals connections out between the sockets: a worker busy when a burst arrives
     still gets its share (behind one shared socket the idle worker took them all,
@@ -230,7 +232,8 @@ def test_each_worker_accepts_its_share_of_connections_and_a_dead_one_is_replaced
     import urllib.parse
 
     index = build(catalogue, "flat", "--index-type", "Flat")
-    with serve(index, "--workers", "2") as url:
+    log = tmp_path / "serve.log"
+    with serve(index, "--workers", "2", log_path=log) as url:
         port = urllib.parse.urlsplit(url).port
         shares = burst_of_health_checks(port)
         assert len(shares) == 2 and min(shares.values()) >= 4, shares
@@ -242,6 +245,35 @@ def test_each_worker_accepts_its_share_of_connections_and_a_dead_one_is_replaced
         replaced = burst_of_health_checks(port)
     assert statuses == [200] * 40
     assert len(replaced) == 2 and busy not in replaced, (shares, replaced)
+    assert f"imgembed serve: worker {busy} was killed by SIGKILL; starting another" in log.read_text()
+
+
+def test_a_worker_that_keeps_dying_as_it_starts_stops_the_service_with_the_reason(catalogue):
+    """Replacing a worker that dies again at once would hide the fault behind an
+    endless restart; after a few such deaths the service stops, saying why."""
+    import signal
+
+    index = build(catalogue, "flat", "--index-type", "Flat")
+    served = subprocess.Popen(
+        [os.path.join(BIN, "imgembed"), "serve", "--index", index, "--port", "0", "--workers", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while served.poll() is None and time.monotonic() < deadline:
+            for worker in child_processes(served.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGKILL)
+            time.sleep(0.2)
+        _, stderr = served.communicate(timeout=60)
+    finally:
+        if served.poll() is None:
+            served.kill()
+    assert served.returncode == 1, stderr[-2000:]
+    assert "imgembed serve: a worker died 5 times running within 30 s of starting" in stderr, stderr[-2000:]
+    assert "(the last was killed by SIGKILL); stopping" in stderr
 
 
 def test_a_port_already_in_use_is_one_clear_line(catalogue):
