@@ -158,10 +158,10 @@ def _query_sets(source: EmbeddingSource, config: IndexConfig, among: EmbeddingSo
     return queries.subset(rows[: config.tune_queries]), queries.subset(rows[config.tune_queries :]), False
 
 
-def _new_version(index_dir: str, overwrite: bool) -> store.NewVersion:
+def _new_version(index_dir: str, overwrite: bool):
     if store.exists(index_dir) and not overwrite:
         raise ValueError(f"{index_dir} already holds an index; pass --overwrite to replace it")
-    return store.NewVersion.start(index_dir)
+    return store.new_version(index_dir)
 
 
 class _Phases:
@@ -281,61 +281,65 @@ def build(
 ) -> dict:
     """Builds, tunes, measures and writes an index of every row in ``source``
     (through the tf.Transform graph first when ``config.transform`` asks for one)."""
-    version = _new_version(index_dir, overwrite)
-    local = version.local_dir
-    clock = _Phases()
-    raw = source
-    transform_info = None
-    if config.transform is not None:
-        clock.begin("transform_analysis", raw.count)
-        source, transform_info = attach_transform(raw, local, config)
-        clock.end()
-    fitted = fit_or_fall_back(source, config, add, clock, local)
-    report = fitted.report | {
-        "recall_target": config.recall_target,
-        "search_params": fitted.search_params,
-        "metric": config.metric.value,
-    }
-    clock.begin("write", source.count)
-    if fitted.path is None:
-        faiss.write_index(fitted.index, store.path(local, store.INDEX_FILE))
-    filter_fields = items.write_items([source], local)
-    clock.end()
-    manifest = {
-        "format_version": store.FORMAT_VERSION,
-        "imgembed_version": __version__,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": source.metadata.get("model"),
-        "preprocessing": source.metadata.get("preprocessing"),
-        "embedding_dimension": source.raw_dim,
-        "dimension": source.dim,
-        "metric": config.metric.value,
-        "transform": transform_info,
-        "count": source.count,
-        "index": {"kind": fitted.plan.kind, "factory": fitted.plan.factory}
-        | ({"lists": store.ON_DISK} if has_on_disk_lists(fitted.index) else {}),
-        "search_params": fitted.search_params,
-        "recall_at_build": report["recall"],
-        "parts": [_part(source)],
-    } | filter_fields
-    store.write_json(local, store.MANIFEST_FILE, manifest)
-    # Without a transform, the evaluation queries' exact neighbours are raw cosine
-    # neighbours too: they measure the duplicate pass for free.
-    truth = fitted.eval_set if transform_info is None else None
-    report["duplicates"] = _duplicates(
-        local, fitted.index, source, config, truth, clock.begin("duplicates", 3 * source.count, "row passes")
-    )
-    clock.end()
-    index_bytes = os.path.getsize(store.path(local, store.INDEX_FILE))
-    if transform_info is not None:
-        report["transform"] = dict(transform_info)
-        if config.compare_raw and source.count > 1:
-            clock.begin("raw_comparison")
-            report["transform"] |= compare_with_raw(raw, source, fitted, index_bytes, config)
+    with _new_version(index_dir, overwrite) as version:
+        local = version.local_dir
+        clock = _Phases()
+        raw = source
+        transform_info = None
+        if config.transform is not None:
+            clock.begin("transform_analysis", raw.count)
+            source, transform_info = attach_transform(raw, local, config)
             clock.end()
-    report |= {"seconds": clock.seconds, "index_bytes": index_bytes, "version": version.name}
-    store.write_json(local, store.REPORT_FILE, report)
-    version.publish()
+        fitted = fit_or_fall_back(source, config, add, clock, local)
+        report = fitted.report | {
+            "recall_target": config.recall_target,
+            "search_params": fitted.search_params,
+            "metric": config.metric.value,
+        }
+        clock.begin("write", source.count)
+        if fitted.path is None:
+            faiss.write_index(fitted.index, store.path(local, store.INDEX_FILE))
+        filter_fields = items.write_items([source], local)
+        clock.end()
+        manifest = {
+            "format_version": store.FORMAT_VERSION,
+            "imgembed_version": __version__,
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": source.metadata.get("model"),
+            "preprocessing": source.metadata.get("preprocessing"),
+            "embedding_dimension": source.raw_dim,
+            "dimension": source.dim,
+            "metric": config.metric.value,
+            "transform": transform_info,
+            "count": source.count,
+            "index": {"kind": fitted.plan.kind, "factory": fitted.plan.factory}
+            | ({"lists": store.ON_DISK} if has_on_disk_lists(fitted.index) else {}),
+            "search_params": fitted.search_params,
+            "recall_at_build": report["recall"],
+            "parts": [_part(source)],
+        } | filter_fields
+        store.write_json(local, store.MANIFEST_FILE, manifest)
+        # Without a transform, the evaluation queries' exact neighbours are raw cosine
+        # neighbours too: they measure the duplicate pass for free.
+        truth = fitted.eval_set if transform_info is None else None
+        report["duplicates"] = _duplicates(
+            local,
+            fitted.index,
+            source,
+            config,
+            truth,
+            clock.begin("duplicates", 3 * source.count, "row passes"),
+        )
+        clock.end()
+        index_bytes = os.path.getsize(store.path(local, store.INDEX_FILE))
+        if transform_info is not None:
+            report["transform"] = dict(transform_info)
+            if config.compare_raw and source.count > 1:
+                clock.begin("raw_comparison")
+                report["transform"] |= compare_with_raw(raw, source, fitted, index_bytes, config)
+                clock.end()
+        report |= {"seconds": clock.seconds, "index_bytes": index_bytes, "version": version.name}
+        store.write_json(local, store.REPORT_FILE, report)
     return report
 
 
@@ -422,47 +426,50 @@ def add_to_index(
         return report
     _check_compatible(manifest, new, loaded.items.table.column("id"))
 
-    version = store.NewVersion.start(index_dir)
-    local = version.local_dir
-    before = _imbalance(loaded.index)
-    index, written = _extended(loaded, new, config, add, local)
-    combined_raw = EmbeddingSource.from_files(
-        [file for part in manifest["parts"] for file in part["files"]]
-        + [dataclasses.asdict(f) for f in new.files]
-    )
-    combined = combined_raw.with_transform(transform)
-    _, queries, _ = _query_sets(combined, config, among=new)
-    new_recall = recall(index, queries, min(RECALL_K, combined.count - 1))
-    at_build = manifest["recall_at_build"].get(f"recall@{RECALL_K}", 1.0)
-    drift = at_build - new_recall
-    advise = new_recall < config.recall_target or drift > RETRAIN_DRIFT
-    report |= {
-        f"recall@{RECALL_K}_on_new_rows": round(new_recall, 4),
-        f"recall@{RECALL_K}_at_build": at_build,
-        "imbalance_factor": {"before": before, "after": _imbalance(index)},
-        "retrain_advised": advise,
-        "why": (
-            f"recall@{RECALL_K} on queries among the new rows is {new_recall:.3f} "
-            f"(build: {at_build:.3f}, target {config.recall_target}): "
-            + ("the trained quantiser no longer fits the data; rebuild the index" if advise else "no drift")
-        ),
-    }
-    if manifest.get("transform"):
-        shutil.copytree(
-            store.path(loaded.directory, store.TRANSFORM_DIR), store.path(local, store.TRANSFORM_DIR)
+    with store.new_version(index_dir) as version:
+        local = version.local_dir
+        before = _imbalance(loaded.index)
+        index, written = _extended(loaded, new, config, add, local)
+        combined_raw = EmbeddingSource.from_files(
+            [file for part in manifest["parts"] for file in part["files"]]
+            + [dataclasses.asdict(f) for f in new.files]
         )
-    if written is None:
-        faiss.write_index(index, store.path(local, store.INDEX_FILE))
-    manifest |= items.write_items(loaded.sources() + [new], local)
-    manifest["parts"].append(_part(new))
-    manifest["count"] = int(index.ntotal)
-    store.write_json(local, store.MANIFEST_FILE, manifest)
-    report["duplicates"] = _duplicates(local, index, combined, config)
-    full_report = store.read_json(loaded.directory, store.REPORT_FILE)
-    full_report.setdefault("additions", []).append(report)
-    full_report["version"] = version.name
-    store.write_json(local, store.REPORT_FILE, full_report)
-    version.publish()
+        combined = combined_raw.with_transform(transform)
+        _, queries, _ = _query_sets(combined, config, among=new)
+        new_recall = recall(index, queries, min(RECALL_K, combined.count - 1))
+        at_build = manifest["recall_at_build"].get(f"recall@{RECALL_K}", 1.0)
+        drift = at_build - new_recall
+        advise = new_recall < config.recall_target or drift > RETRAIN_DRIFT
+        report |= {
+            f"recall@{RECALL_K}_on_new_rows": round(new_recall, 4),
+            f"recall@{RECALL_K}_at_build": at_build,
+            "imbalance_factor": {"before": before, "after": _imbalance(index)},
+            "retrain_advised": advise,
+            "why": (
+                f"recall@{RECALL_K} on queries among the new rows is {new_recall:.3f} "
+                f"(build: {at_build:.3f}, target {config.recall_target}): "
+                + (
+                    "the trained quantiser no longer fits the data; rebuild the index"
+                    if advise
+                    else "no drift"
+                )
+            ),
+        }
+        if manifest.get("transform"):
+            shutil.copytree(
+                store.path(loaded.directory, store.TRANSFORM_DIR), store.path(local, store.TRANSFORM_DIR)
+            )
+        if written is None:
+            faiss.write_index(index, store.path(local, store.INDEX_FILE))
+        manifest |= items.write_items(loaded.sources() + [new], local)
+        manifest["parts"].append(_part(new))
+        manifest["count"] = int(index.ntotal)
+        store.write_json(local, store.MANIFEST_FILE, manifest)
+        report["duplicates"] = _duplicates(local, index, combined, config)
+        full_report = store.read_json(loaded.directory, store.REPORT_FILE)
+        full_report.setdefault("additions", []).append(report)
+        full_report["version"] = version.name
+        store.write_json(local, store.REPORT_FILE, full_report)
     return report
 
 

@@ -21,13 +21,16 @@ version is built on this machine and copied up, and read from a local copy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 
 import faiss
 
@@ -46,14 +49,13 @@ DUPLICATES_FILE = "duplicates.parquet"
 TRANSFORM_DIR = "transform"  # a copy of the tf.Transform graph, when the index has one
 FORMAT_VERSION = 2
 VERSION_PREFIX = "v"
+_VERSION_NAME = re.compile(r"v\d{8}T\d{6,12}-[0-9a-f]{6}")
 # How faiss reads a memory-mapped index (see load).
 MAPPED = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
 # A distributed build's merged lists, in a file beside index.faiss (manifest: "lists").
 ON_DISK = "on_disk"
 ON_DISK_LISTS_FILE = "index.ivfdata"
 ON_DISK_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
-# The live version and the one before it (a reader may still be on it).
-KEPT_VERSIONS = 2
 
 
 def path(version_dir: str, name: str) -> str:
@@ -96,7 +98,8 @@ class NewVersion:
 
     @classmethod
     def start(cls, index_dir: str) -> NewVersion:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        # Microseconds, so that names sort as the versions were started.
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         name = f"{VERSION_PREFIX}{stamp}-{uuid.uuid4().hex[:6]}"
         if storage.is_local(index_dir):  # written where it stays: nothing to copy
             local_dir = os.path.join(index_dir, name)
@@ -106,23 +109,46 @@ class NewVersion:
         return cls(index_dir, name, local_dir)
 
     def publish(self) -> None:
-        """Makes this version the live one; the older ones beyond KEPT_VERSIONS go."""
+        """Makes this version the live one. The one live before it stays (a reader may
+        still be on it); older versions go, finished or not (a build killed midway
+        leaves its folder). A version started after that one and not yet live may be
+        another build's, still being written: it goes at the next publish."""
+        previous = current_version(self.index_dir)
         if not storage.is_local(self.index_dir):
             storage.copy_tree(self.local_dir, storage.join(self.index_dir, self.name))
             shutil.rmtree(self.local_dir, ignore_errors=True)
         storage.write_atomically(storage.join(self.index_dir, CURRENT_FILE), self.name.encode())
-        versions = sorted(
-            {
-                name
-                for path in storage.list_files(
-                    storage.join(self.index_dir, VERSION_PREFIX + "*", MANIFEST_FILE)
-                )
-                for name in [path.rstrip("/").rsplit("/", 2)[-2]]
-            }
-        )
-        for old in versions[:-KEPT_VERSIONS]:
-            if old != self.name:
+        for old in version_names(self.index_dir):
+            if old < (previous or self.name) and old != self.name:
                 storage.delete_folder(storage.join(self.index_dir, old))
+
+    def discard(self) -> None:
+        """Removes what was written of a version that will not be published."""
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+        if not storage.is_local(self.index_dir):  # a copy that failed midway
+            storage.delete_folder(storage.join(self.index_dir, self.name))
+
+
+@contextlib.contextmanager
+def new_version(index_dir: str) -> Iterator[NewVersion]:
+    """A version to write in the block: published when it ends, removed if it fails."""
+    version = NewVersion.start(index_dir)
+    try:
+        yield version
+    except BaseException:
+        version.discard()
+        raise
+    version.publish()
+
+
+def version_names(index_dir: str) -> list[str]:
+    """The names of every version folder in ``index_dir``, live, old or unfinished."""
+    if storage.is_local(index_dir):  # the folders themselves, empty ones too
+        names = {entry.name for entry in os.scandir(index_dir) if entry.is_dir()}
+    else:  # object stores have no folders: the files directly in them
+        paths = storage.list_files(storage.join(index_dir, VERSION_PREFIX + "*", "*"))
+        names = {path.rstrip("/").rsplit("/", 2)[-2] for path in paths}
+    return sorted(name for name in names if _VERSION_NAME.fullmatch(name))
 
 
 def live_dir(index_dir: str) -> str:

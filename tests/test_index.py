@@ -266,6 +266,29 @@ def test_existing_index_is_not_replaced_without_overwrite(tmp_path, capsys):
     assert command.main(argv + ["--overwrite"]) == 0
 
 
+def test_versions_kept_are_the_live_one_and_the_one_before_it(tmp_path):
+    """A build that fails leaves nothing; one killed midway leaves a folder, removed
+    once a later publish makes it older than the version before the live one."""
+    write_embeddings(str(tmp_path / "emb"), StructuredVectors(8).chunk(0, 50))
+    source, index_dir = EmbeddingSource(str(tmp_path / "emb")), str(tmp_path / "index")
+    config = IndexConfig(factory="Flat", dedup_threshold=None)
+    first = build(source, index_dir, config)["version"]
+
+    def add_that_fails(*_args, **_kwargs):
+        raise OSError("the disk is full")
+
+    with pytest.raises(OSError, match="the disk is full"):
+        build(source, index_dir, config, add=add_that_fails, overwrite=True)
+    assert store.version_names(index_dir) == [first]
+    killed = store.NewVersion.start(index_dir).name  # as a build killed midway leaves it
+    second = build(source, index_dir, config, overwrite=True)["version"]
+    assert store.version_names(index_dir) == [first, killed, second]
+    third = build(source, index_dir, config, overwrite=True)["version"]
+    assert store.version_names(index_dir) == [second, third]
+    assert store.current_version(index_dir) == third
+    assert store.load(index_dir).count == 50
+
+
 @pytest.mark.parametrize(
     ("factory", "group_bytes"),
     [("IVF64,Flat", 64 * 2**20), ("IVF64,Flat", 200_000), ("Flat", 64 * 2**20)],

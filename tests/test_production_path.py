@@ -16,6 +16,7 @@ from fixtures import tiny_models
 from fixtures.images import photo_like
 from imgembed.common import storage
 from imgembed.common.embedding_files import embeddings_glob, errors_glob
+from imgembed.index import store
 from imgembed.pipelines import embed
 from tests.beam_workers import can_isolate, isolated_workers
 
@@ -243,3 +244,9 @@ def test_embed_index_and_query_run_end_to_end_on_object_storage(gcs, tmp_path, c
     hits = json.loads(capsys.readouterr().out)["results"]
     assert len(hits) == 5 and first["id"] not in [hit["id"] for hit in hits]
     assert {hit["uri"].rsplit("/", 1)[-1] for hit in hits} <= set(photos)
+
+    # A rebuild publishes beside it; the version before the live one stays.
+    rebuild = ["--embeddings", f"{root}/out/tiny", "--output", index, "--index-type", "Flat", "--overwrite"]
+    assert index_command.main(rebuild) == 0, capsys.readouterr().err
+    newer = storage.read_bytes(storage.join(index, "CURRENT")).decode()
+    assert store.version_names(index) == [version, newer]
