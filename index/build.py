@@ -29,7 +29,6 @@ from imgembed.index.choose import IndexPlan, choose_index, fallback, ivf_sizing,
 from imgembed.index.duplicates import write_duplicates
 from imgembed.index.evaluate import QuerySet, exact_neighbours, latency, recall, recall_report, tune
 from imgembed.index.faiss_index import (
-    KMEANS_ITERATIONS,
     add_vectors,
     exact_assignment,
     has_on_disk_lists,
@@ -39,6 +38,7 @@ from imgembed.index.faiss_index import (
     search_param_grid,
     set_search_params,
     train_index,
+    training_steps,
 )
 from imgembed.index.reader import EmbeddingSource
 from imgembed.index.refine_file import RefineVectors
@@ -129,17 +129,17 @@ def plan_for(source: EmbeddingSource, config: IndexConfig) -> IndexPlan:
 
 def train(plan: IndexPlan, source: EmbeddingSource, config: IndexConfig, phase=None) -> faiss.Index:
     """An empty index of the plan's type, trained on a uniform sample of the corpus;
-    ``phase`` advances per k-means iteration (see ``train_steps``)."""
+    ``phase`` advances when the sample is read, then per training step."""
     index = new_index(plan, source.dim, config.metric)
     if plan.needs_training:
+        if phase is not None:
+            phase.set_total(1 + training_steps(index))
         sample_ids = source.sample_ids(plan.train_size, np.random.default_rng(config.seed))
         sample = prepare(source.take(sample_ids), config.metric, "training sample")
+        if phase is not None:
+            phase.advance(1)
         train_index(index, sample, config.seed, phase)
     return index
-
-
-def train_steps(plan: IndexPlan) -> int | None:
-    return KMEANS_ITERATIONS + 1 if plan.is_ivf and plan.needs_training else None
 
 
 def _query_sets(source: EmbeddingSource, config: IndexConfig, among: EmbeddingSource | None = None):
@@ -214,7 +214,7 @@ def fit(
     held-out queries (``query_sets``: those of an earlier fit of the same source);
     ``folder`` takes what does not stay in RAM."""
     plan = plan or plan_for(source, config)
-    index = train(plan, source, config, clock.begin("train", train_steps(plan), "steps"))
+    index = train(plan, source, config, clock.begin("train", unit="steps"))
     index, path = filled(index, source.reporting(clock.begin("add", source.count)), config, add, folder)
     clock.end()
     report = {"index": dataclasses.asdict(plan), "count": source.count, "dimension": source.dim}

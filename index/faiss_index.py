@@ -17,7 +17,7 @@ import sys
 import faiss
 import numpy as np
 
-from imgembed.index.choose import IndexPlan
+from imgembed.index.choose import HNSW_M, IndexPlan
 from imgembed.index.refine_file import RefineVectors
 from imgembed.index.vectors import Metric
 
@@ -34,34 +34,134 @@ def new_index(plan: IndexPlan, dim: int, metric: Metric) -> faiss.Index:
 # Coarse k-means iterations: the centroids barely move after 10 (faiss's default is
 # 25, which made training most of a 5M-vector build).
 KMEANS_ITERATIONS = 10
+# Full k-means compares every sample point with every centroid, and the sample
+# grows with the lists (~64 a list), so its cost grows as nlist squared: 14 s an
+# iteration at 8,192 lists x 488k x 256-d on 2 cores, ~40 min at 32,768 lists. From
+# this many lists the centroids come from two-level k-means (sqrt(nlist) clusters,
+# each split in proportion to its points, as faiss.contrib.clustering does), then
+# REFINE_ITERATIONS of full k-means whose points find their centroid through an HNSW
+# graph. Measured on 1M of the 5M structured vectors at 8,192 lists (488k sample):
+# training 141 s -> 33 s; recall@10 of IVF,Flat at nprobe 8/16/32 0.933/0.961/0.975
+# -> 0.936/0.959/0.972; lists a little less even (sum of squared sizes 1.29 -> 1.41
+# times the ideal's).
+TWO_LEVEL_MIN_LISTS = 4096
+REFINE_ITERATIONS = 4
+# The graph only assigns points to centroids while refining: 98% find the nearest
+# (efSearch 16, 7.5 s for 488k points) against 100% through a flat index (13.4 s).
+REFINE_EF_SEARCH = 16
+
+
+def training_steps(index: faiss.Index) -> int:
+    """The steps ``train_index`` reports for ``index``: coarse clustering, codes."""
+    ivf = faiss.extract_index_ivf(index) if is_ivf(index) else None
+    if ivf is None:
+        return 1
+    if ivf.nlist >= TWO_LEVEL_MIN_LISTS:
+        return 1 + REFINE_ITERATIONS + 1
+    return KMEANS_ITERATIONS + 1
 
 
 def train_index(index: faiss.Index, sample: np.ndarray, seed: int, phase=None) -> None:
     """Trains ``index`` on prepared ``sample``. An IVF index's coarse k-means runs
-    here one iteration at a time (``phase`` advances by one each; the result is
-    the same as one run), then faiss trains the codes, seeing the quantizer full."""
+    here, a step at a time (``phase`` advances by one each; see training_steps),
+    then faiss trains the codes, seeing the quantizer full."""
     ivf = faiss.extract_index_ivf(index) if is_ivf(index) else None
     if ivf is None or ivf.d != sample.shape[1]:  # not IVF, or IVF behind a pre-transform
         index.train(sample)
+        if phase is not None:
+            phase.advance(training_steps(index))
         return
-    centroids = None
-    for _ in range(KMEANS_ITERATIONS):
-        clustering = faiss.Clustering(ivf.d, ivf.nlist)
-        clustering.niter, clustering.seed = 1, seed
-        # Spherical for inner product, as IndexIVF trains it.
-        clustering.spherical = ivf.metric_type == faiss.METRIC_INNER_PRODUCT
-        clustering.max_points_per_centroid = len(sample)  # the sample is already sized
-        if centroids is not None:
-            faiss.copy_array_to_vector(centroids, clustering.centroids)
-        clustering.train(sample, faiss.IndexFlatL2(ivf.d))
-        centroids = faiss.vector_to_array(clustering.centroids)
+    # Spherical for inner product, as IndexIVF trains it.
+    spherical = ivf.metric_type == faiss.METRIC_INNER_PRODUCT
+    if ivf.nlist >= TWO_LEVEL_MIN_LISTS:
+        centroids = two_level_centroids(sample, ivf.nlist, spherical, seed)
         if phase is not None:
             phase.advance(1)
+        graph = faiss.IndexHNSWFlat(ivf.d, HNSW_M)
+        graph.hnsw.efSearch = REFINE_EF_SEARCH
+        centroids = kmeans_steps(sample, centroids, REFINE_ITERATIONS, graph, spherical, seed, phase)
+    else:
+        centroids = kmeans_steps(
+            sample, ivf.nlist, KMEANS_ITERATIONS, faiss.IndexFlatL2(ivf.d), spherical, seed, phase
+        )
     ivf.quantizer.reset()
-    ivf.quantizer.add(centroids.reshape(ivf.nlist, ivf.d))
+    ivf.quantizer.add(centroids)
     index.train(sample)  # the codes only: faiss skips a trained, full quantizer
     if phase is not None:
         phase.advance(1)
+
+
+def kmeans_steps(
+    sample: np.ndarray,
+    start: np.ndarray | int,
+    iterations: int,
+    assigner: faiss.Index,
+    spherical: bool,
+    seed: int,
+    phase=None,
+) -> np.ndarray:
+    """``iterations`` of k-means from the ``start`` centroids (or from that many
+    sample points, faiss's own start), one at a time (the result is the same as one
+    run); ``assigner`` is the index that finds each point's centroid (faiss refills
+    it with the centroids each iteration)."""
+    nlist = start if isinstance(start, int) else len(start)
+    centroids = None if isinstance(start, int) else start
+    for _ in range(iterations):
+        clustering = faiss.Clustering(sample.shape[1], nlist)
+        clustering.niter, clustering.seed, clustering.spherical = 1, seed, spherical
+        clustering.max_points_per_centroid = len(sample)  # the sample is already sized
+        if centroids is not None:
+            faiss.copy_array_to_vector(
+                np.ascontiguousarray(centroids, np.float32).ravel(), clustering.centroids
+            )
+        clustering.train(sample, assigner)
+        centroids = faiss.vector_to_array(clustering.centroids).reshape(nlist, -1)
+        if phase is not None:
+            phase.advance(1)
+    return centroids
+
+
+def two_level_centroids(sample: np.ndarray, nlist: int, spherical: bool, seed: int) -> np.ndarray:
+    """``nlist`` centroids: k-means into sqrt(nlist) clusters, then each cluster's
+    points into its share of the centroids (faiss.contrib.clustering's scheme; its
+    function can give a small cluster no centroid, and then fails)."""
+    dim = sample.shape[1]
+    options = {"niter": KMEANS_ITERATIONS, "spherical": spherical, "seed": seed}
+    coarse = faiss.Kmeans(dim, int(np.sqrt(nlist)), max_points_per_centroid=2000, **options)
+    coarse.train(sample)
+    _, assigned = coarse.index.search(sample, 1)
+    members = np.argsort(assigned.ravel(), kind="stable")
+    sizes = np.bincount(assigned.ravel(), minlength=coarse.k)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    centroids = []
+    for cluster, share in enumerate(apportion(sizes, nlist)):
+        if share:
+            points = sample[members[starts[cluster] : starts[cluster + 1]]]
+            # The sample holds >= 39 points a list overall; a cluster may hold a few less.
+            fine = faiss.Kmeans(dim, int(share), min_points_per_centroid=1, **options)
+            fine.train(points)
+            centroids.append(fine.centroids)
+    return np.vstack(centroids)
+
+
+def apportion(sizes: np.ndarray, total: int) -> np.ndarray:
+    """``total`` split in proportion to ``sizes`` (largest remainders), at least one
+    for every non-zero size and never more than the size.
+
+    >>> apportion(np.array([1, 0, 99]), 10).tolist()
+    [1, 0, 9]
+    """
+    if not (sizes > 0).sum() <= total <= sizes.sum():
+        raise ValueError(f"cannot share {total} centroids out to clusters of {sizes.tolist()} points")
+    exact = sizes * total / sizes.sum()
+    shares = np.minimum(np.maximum(np.floor(exact), sizes > 0), sizes).astype(np.int64)
+    while shares.sum() != total:
+        if shares.sum() < total:  # the largest remainder among those with room
+            room = shares < sizes
+            shares[np.flatnonzero(room)[np.argmax((exact - shares)[room])]] += 1
+        else:  # the minimums overshot: take from the largest share above one
+            shares[np.argmax(np.where(shares > 1, shares - exact, -np.inf))] -= 1
+    return shares
 
 
 def has_on_disk_lists(index: faiss.Index) -> bool:

@@ -1,7 +1,12 @@
 """Beam workers that share nothing with the launcher but the network: Beam's
 portable job service, and an external worker pool started in its own mount
 namespace with a private /tmp (and HOME there), so a worker that tries a path of
-the launcher's disk (the pytest tmp_path, the launcher's model cache) fails."""
+the launcher's disk (the pytest tmp_path, the launcher's model cache) fails.
+
+Only the code the workers run stays visible: when the checkout or its virtualenv
+lies under /tmp (a fresh clone in /tmp/fresh), each is bind-mounted back at its
+own path over the private /tmp, through a private tmpfs on /mnt that the host
+never sees."""
 
 from __future__ import annotations
 
@@ -18,11 +23,34 @@ import time
 from tests.servers import free_port
 
 BIN = os.path.dirname(sys.executable)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POOL_SCRIPT = (
-    "mount -t tmpfs tmpfs /tmp && mkdir -p /tmp/home && printf '%s' \"$CREDENTIALS_JSON\" > /tmp/adc.json"
+    "{keep} mount -t tmpfs tmpfs /tmp && {restore}"
+    " mkdir -p /tmp/home && printf '%s' \"$CREDENTIALS_JSON\" > /tmp/adc.json"
     " && export HOME=/tmp/home GOOGLE_APPLICATION_CREDENTIALS=/tmp/adc.json"
     " && exec {python} -m apache_beam.runners.worker.worker_pool_main --service_port={port}"
 )
+
+
+def _kept_under_tmp() -> list[str]:
+    """The checkout and the virtualenv, where they lie under /tmp (a folder inside
+    another kept one comes back with it)."""
+    kept: list[str] = []
+    for path in sorted({os.path.realpath(path) for path in (REPO, sys.prefix)}):  # parents first
+        if path.startswith("/tmp/") and not any(path.startswith(parent + "/") for parent in kept):
+            kept.append(path)
+    return kept
+
+
+def _pool_script(port: int) -> str:
+    """The worker pool's shell command: a private /tmp, with the code it runs kept."""
+    kept = _kept_under_tmp()
+    keep = "mount -t tmpfs tmpfs /mnt && " if kept else ""
+    restore = ""
+    for number, path in enumerate(map(shlex.quote, kept)):
+        keep += f"mkdir /mnt/kept{number} && mount --bind {path} /mnt/kept{number} && "
+        restore += f" mkdir -p {path} && mount --bind /mnt/kept{number} {path} &&"
+    return POOL_SCRIPT.format(keep=keep, restore=restore, python=shlex.quote(sys.executable), port=port)
 
 
 def can_isolate() -> str | None:
@@ -68,7 +96,7 @@ def isolated_workers(env: dict[str, str], credentials_json: str):
     pool_env = (
         os.environ | env | {"CREDENTIALS_JSON": credentials_json, "PATH": f"{BIN}:{os.environ['PATH']}"}
     )
-    script = POOL_SCRIPT.format(python=shlex.quote(sys.executable), port=pool_port)
+    script = _pool_script(pool_port)
     pool = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
         env=pool_env,

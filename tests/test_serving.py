@@ -37,6 +37,8 @@ KINDS = {
     "ivf_pq_rflat": "IVF32,PQ16x4fs,RFlat",
     "ivf_hnsw_sq8": "IVF32_HNSW32,SQ8",
 }
+# Built with --distributed: each embedding file added on a Beam worker, then merged.
+DISTRIBUTED = {"distributed": "IVF32,Flat", "distributed_pq_rflat": "IVF32,PQ16x4fs,RFlat"}
 
 
 def catalogue_rows(start: int, count: int) -> tuple[np.ndarray, list[str], list[dict]]:
@@ -83,14 +85,15 @@ def build(catalogue, name: str, *flags: str) -> str:
     return index
 
 
-@pytest.mark.parametrize("kind", [*KINDS, "distributed"])
+@pytest.mark.parametrize("kind", [*KINDS, *DISTRIBUTED])
 def test_every_index_kind_is_served_and_queried(catalogue, kind):
-    flags = ["--index-type", KINDS.get(kind, "IVF32,Flat")] + (
-        ["--distributed"] if kind == "distributed" else []
-    )
-    index = build(catalogue, kind, *flags)
+    if kind in DISTRIBUTED:
+        index = build(catalogue, kind, "--index-type", DISTRIBUTED[kind], "--distributed")
+    else:
+        index = build(catalogue, kind, "--index-type", KINDS[kind])
+    manifest = json.loads((live(index) / "manifest.json").read_text())
+    assert manifest["index"]["factory"] == {**KINDS, **DISTRIBUTED}[kind] and manifest["count"] == 6000
     if kind == "distributed":  # merged into on-disk lists, served from them
-        manifest = json.loads((live(index) / "manifest.json").read_text())
         assert manifest["index"]["lists"] == "on_disk" and (live(index) / "index.ivfdata").exists()
     target = image_id("synthetic://shard2/002345.jpg")
     query = subprocess.run(
