@@ -14,9 +14,9 @@ vector: a random item's embedding plus 10% noise). On an
 index built from images (--index or --image-index), also by image (POST /v1/search/image with a JPEG), against
 the model's own images/s on the same machine. Reports requests/s, p50/p99 latency,
 errors, the time the service takes to start, and its memory beyond the index: the
-proportional set size (PSS) of its processes after the load, less the index's own
-RAM and less the PSS of the same service over a 1000-item index (Python, the
-libraries).
+proportional set size (PSS) of its processes after the load, without the index's
+own files mapped (page cache), less the RAM the index takes in each worker and less
+the PSS of the same service over a 1000-item index (Python, the libraries).
 
 Writes docs/benchmarks/service.md. Not a test: speeds depend on the machine.
 """
@@ -94,17 +94,52 @@ def descendants(pid: int) -> list[int]:
     return [pid] + [process for child in children for process in descendants(int(child))]
 
 
-def pss_bytes(pid: int) -> int:
-    """PSS of a process and its descendants (the uvicorn supervisor and its workers):
-    memory-mapped pages shared by the workers count once in all."""
-    total = 0
+# The index's own files; the other files of a version folder hold per-item state.
+INDEX_FILES = ("index.faiss", "index.ivfdata")
+
+
+def memory(pid: int, version_dir: str) -> dict[str, int]:
+    """PSS of a process and its descendants (the supervisor and its workers; pages
+    the workers share count once in all), in bytes: ``own`` (heap, anonymous memory,
+    libraries), ``index_files`` and ``item_files`` (the version folder's files
+    mapped: page cache, which the kernel can reclaim)."""
+    totals = {"own": 0, "index_files": 0, "item_files": 0}
     for process in descendants(pid):
         try:
-            with open(f"/proc/{process}/smaps_rollup") as rollup:
-                total += int(re.search(r"^Pss:\s+(\d+) kB", rollup.read(), re.MULTILINE).group(1)) * 1024
-        except (OSError, AttributeError):  # ended meanwhile
-            pass
-    return total
+            with open(f"/proc/{process}/smaps") as smaps:
+                text = smaps.read()
+        except OSError:  # ended meanwhile
+            continue
+        part = "own"
+        for line in text.splitlines():
+            fields = line.split()
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                path = fields[5] if len(fields) > 5 else ""
+                if os.path.dirname(path) != os.path.realpath(version_dir):
+                    part = "own"
+                else:
+                    part = "index_files" if os.path.basename(path) in INDEX_FILES else "item_files"
+            elif fields[0] == "Pss:":
+                totals[part] += int(fields[1]) * 1024
+    return totals
+
+
+def index_ram_per_process(index: str) -> int:
+    """The anonymous memory that opening the index as the service does takes in one
+    process: the parts faiss cannot memory-map (fast-scan PQ lists, the coarse
+    quantizer), which every worker holds a copy of."""
+    code = (
+        "import re, sys\n"
+        "def anonymous():\n"
+        "    text = open('/proc/self/smaps_rollup').read()\n"
+        "    return int(re.search(r'^Anonymous:\\s+(\\d+)', text, re.M).group(1)) * 1024\n"
+        "from imgembed.index import store\n"
+        "before = anonymous()\n"
+        "loaded = store.load(sys.argv[1], mmap=True)\n"
+        "print(anonymous() - before)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, index], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
 
 
 class Server:
@@ -199,14 +234,6 @@ def sample_rows(index: str, count: int = 10_000) -> tuple[list[str], np.ndarray]
     return ids, vectors + scale * noise
 
 
-def index_ram_bytes(index: str) -> int:
-    from imgembed.index import store
-
-    loaded = store.load(index, mmap=True)
-    report = store.read_json(loaded.directory, store.REPORT_FILE)
-    return int(report["index"]["estimated_bytes"] or report["index_bytes"])
-
-
 def multipart(image: str) -> bytes:
     with open(image, "rb") as file:
         data = file.read()
@@ -264,13 +291,13 @@ def main() -> int:
     index = args.index or build_index(work, args.count, args.dim, args.max_memory, work)
     baseline_index = build_index(work, 1000, args.dim, args.max_memory, work)
 
+    from imgembed.index import store
+
     baseline = Server(baseline_index)
-    baseline_pss = pss_bytes(baseline.process.pid)
+    baseline_memory = memory(baseline.process.pid, store.live_dir(baseline_index))
     baseline.stop()
 
     server = Server(index)
-    from imgembed.index import store
-
     loaded = store.load(index, mmap=True)
     count, dim, kind = (
         loaded.count,
@@ -307,7 +334,7 @@ def main() -> int:
             "by_vector",
         ),
     }
-    pss = pss_bytes(server.process.pid)
+    served_memory = memory(server.process.pid, store.live_dir(index))
     server.stop()
     model_rate = None
     image_index = args.image_index or (index if loaded.manifest.get("preprocessing") else None)
@@ -322,17 +349,26 @@ def main() -> int:
         )
         image_server.stop()
         model_rate = model_images_per_sec(image_index)
-    index_ram = index_ram_bytes(index)
-    beyond = (pss - index_ram - baseline_pss) / count
+    index_ram = index_ram_per_process(index)
+    # What the service holds for its items: its own memory and the per-item files it
+    # mapped, less the same service's over 1000 items and less each worker's copy of
+    # the index's RAM.
+    beyond = (
+        served_memory["own"]
+        + served_memory["item_files"]
+        - baseline_memory["own"]
+        - baseline_memory["item_files"]
+        - WORKERS * index_ram
+    ) / count
     summary = {
         "index": kind,
         "count": count,
         "dimension": dim,
         "workers": WORKERS,
         "start_seconds": round(server.start_seconds, 2),
-        "pss_bytes": pss,
-        "baseline_pss_bytes": baseline_pss,
-        "index_ram_bytes": index_ram,
+        "memory_bytes": served_memory,
+        "baseline_memory_bytes": baseline_memory,
+        "index_ram_bytes_per_worker": index_ram,
         "bytes_per_item_beyond_index": round(beyond, 1),
         "model_images_per_sec": model_rate,
         "image_index": image_index,
@@ -353,7 +389,13 @@ def default_image(work: str) -> str:
     return path
 
 
+def mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB"
+
+
 def write_markdown(path: str, summary: dict, command: str) -> None:
+    own, items = summary["memory_bytes"]["own"], summary["memory_bytes"]["item_files"]
+    base_own, base_items = (summary["baseline_memory_bytes"][part] for part in ("own", "item_files"))
     lines = [
         "# Service load test",
         "",
@@ -374,10 +416,14 @@ def write_markdown(path: str, summary: dict, command: str) -> None:
     lines += [
         "",
         f"- start-up (process start to the first answer of /health): {summary['start_seconds']} s",
-        f"- memory beyond the index: {summary['bytes_per_item_beyond_index']} bytes per item "
-        f"(PSS {summary['pss_bytes'] / 2**20:.0f} MiB after the load, less the index's "
-        f"{summary['index_ram_bytes'] / 2**20:.0f} MiB and the {summary['baseline_pss_bytes'] / 2**20:.0f} MiB "
-        "of the same service over 1000 items)",
+        f"- memory beyond the index: {summary['bytes_per_item_beyond_index']} bytes per item, of which "
+        f"{(items - base_items) / summary['count']:.1f} are per-item files mapped (page cache): the "
+        f"service's own memory and the per-item files it mapped ({mib(own)} + {mib(items)}, PSS after the "
+        f"load) less the same service's over 1000 items ({mib(base_own)} + {mib(base_items)}) and less "
+        f"{summary['workers']} x the {mib(summary['index_ram_bytes_per_worker'])} of RAM the index takes in "
+        "each worker",
+        f"- the index's files mapped: {mib(summary['memory_bytes']['index_files'])} of page cache, "
+        "shared by the workers (the kernel maps what queries touch, and can take it back)",
     ]
     if summary["model_images_per_sec"]:
         ratio = summary["results"]["by image"]["requests_per_sec"] / summary["model_images_per_sec"]

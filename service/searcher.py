@@ -148,8 +148,9 @@ class Searcher:
         self.items = loaded.items
         self.filter_fields = self.items.filter_fields
         self._params = dict(manifest["search_params"])
-        if is_ivf(loaded.index):
-            # id -> list and offset, 8 bytes a vector: what reconstruct() needs.
+        if is_ivf(loaded.index) and not isinstance(faiss.downcast_index(loaded.index), faiss.IndexRefine):
+            # id -> list and offset, 8 bytes a vector in each worker: what reconstruct()
+            # needs. A re-ranked index reconstructs from its raw vectors instead.
             faiss.extract_index_ivf(loaded.index).make_direct_map()
         # Thumbnails stay in the embeddings files, read a row group at a time.
         self._rows = RowReader(
