@@ -78,6 +78,13 @@ def _metadata_fields(sources: list[EmbeddingSource]) -> list[str]:
     return sorted(counts, key=lambda key: (-counts[key], key))[:MAX_FILTER_FIELDS]
 
 
+def row_number_type(count: int) -> type:
+    """The narrowest type for row numbers of ``count`` rows: these files are mapped by
+    every worker, and their pages that lookups touch are memory the service holds
+    (4 bytes a row up to 4 billion rows, not 8)."""
+    return np.uint32 if count <= np.iinfo(np.uint32).max + 1 else np.int64
+
+
 def write_items(sources: list[EmbeddingSource], version_dir: str) -> dict:
     """items.arrow and the id lookup of every source in FAISS id order, streamed."""
     fields = _metadata_fields(sources)
@@ -107,14 +114,14 @@ def write_items(sources: list[EmbeddingSource], version_dir: str) -> dict:
     all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
     order = np.argsort(all_keys, kind="stable")
     np.save(os.path.join(version_dir, ID_KEYS_FILE), all_keys[order])
-    np.save(os.path.join(version_dir, ID_ROWS_FILE), order.astype(np.int64))
+    np.save(os.path.join(version_dir, ID_ROWS_FILE), order.astype(row_number_type(len(order))))
     return {"filter_fields": [SOURCE_FIELD, *fields]}
 
 
 def write_clusters(version_dir: str, cluster_of: np.ndarray) -> None:
     """Each row's cluster (its smallest member) and the cluster's size."""
     sizes = np.bincount(cluster_of, minlength=len(cluster_of)).astype(np.int32)
-    np.save(os.path.join(version_dir, CLUSTERS_FILE), cluster_of.astype(np.int64))
+    np.save(os.path.join(version_dir, CLUSTERS_FILE), cluster_of.astype(row_number_type(len(cluster_of))))
     np.save(os.path.join(version_dir, CLUSTER_SIZES_FILE), sizes[cluster_of])
 
 

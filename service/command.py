@@ -12,6 +12,8 @@ own socket (service/workers.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -97,6 +99,15 @@ def app_from_environment():
     return app
 
 
+def give_back_freed_memory() -> None:
+    """Returns what was freed to the system. The supervisor only opens the index to
+    check it; glibc keeps the freed heap (the lists of a fast-scan index, made of
+    many small blocks) for reuse, which the supervisor never has: 218 MiB at 5M items."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from imgembed.service import workers
@@ -128,6 +139,7 @@ def main(argv: list[str]) -> int:
         flush=True,
     )
     del checked
+    give_back_freed_memory()
     # For every thread of the workers (the search thread, service/batching.py, and the
     # image queries' threads): omp_set_num_threads() sets only the calling thread's
     # count, so the search thread ran faiss on two OpenMP threads whose spinning took

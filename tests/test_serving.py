@@ -140,6 +140,38 @@ def test_filters_return_k_matching_items_whenever_k_exist(catalogue, kind):
         assert httpx.post(f"{url}/v1/search", json=nothing).json()["results"] == [[]]
 
 
+# Run in a fresh interpreter: the first use of Beam's FileSystems happens inside the
+# first load, as in a worker.
+SWAP_AND_LOOK = """
+import gc, sys, weakref
+from imgembed.index import command
+from imgembed.service.searcher import LiveIndex
+index, new = sys.argv[1:]
+live = LiveIndex(index, load_image_model=False)
+first, first_dir = weakref.ref(live.current), live.current.loaded.directory
+assert command.main(["--add", "--embeddings", new, "--output", index]) == 0
+assert live.refresh()
+gc.collect()
+mapped = [line for line in open("/proc/self/maps") if first_dir in line]
+print(first() is None, len(mapped))
+"""
+
+
+def test_a_swapped_out_version_is_freed_and_unmapped(catalogue, tmp_path):
+    index = build(catalogue, "swap", "--index-type", "IVF32,PQ16x4fs,RFlat")
+    write_catalogue(tmp_path / "new", 6000, 200, files=1)
+    looked = subprocess.run(
+        [sys.executable, "-c", SWAP_AND_LOOK, index, str(tmp_path / "new")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert looked.returncode == 0, looked.stderr[-2000:]
+    # Before: Beam's first import kept the frames of the first load, and with them
+    # the first version's lists in RAM and its files mapped, however many swaps later.
+    assert looked.stdout.splitlines()[-1].split() == ["True", "0"]
+
+
 def test_an_add_under_load_swaps_versions_without_a_failed_request(catalogue, tmp_path):
     index = str(tmp_path / "live-index")
     assert (
