@@ -104,6 +104,7 @@ def memory(pid: int, version_dir: str) -> dict[str, int]:
     libraries), ``index_files`` and ``item_files`` (the version folder's files
     mapped: page cache, which the kernel can reclaim)."""
     totals = {"own": 0, "index_files": 0, "item_files": 0}
+    folder = os.path.realpath(version_dir)
     for process in descendants(pid):
         try:
             with open(f"/proc/{process}/smaps") as smaps:
@@ -115,7 +116,7 @@ def memory(pid: int, version_dir: str) -> dict[str, int]:
             fields = line.split()
             if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
                 path = fields[5] if len(fields) > 5 else ""
-                if os.path.dirname(path) != os.path.realpath(version_dir):
+                if os.path.dirname(path) != folder:
                     part = "own"
                 else:
                     part = "index_files" if os.path.basename(path) in INDEX_FILES else "item_files"
