@@ -317,8 +317,8 @@ def main() -> int:
             file.write(json.dumps({"vectors": [[round(float(v), 6) for v in vector]], "k": 10}) + "\n")
 
     def measure(url: str, script: str, name: str, each_run=None) -> dict:
-        """The median of ``--runs`` runs, with the range of all: by requests/s, or by
-        the figure ``each_run`` adds to every run as soon as it ends."""
+        """The median of ``--runs`` runs, with the range of all: by requests/s or, with
+        ``each_run``, by the ``of_model`` ratio it adds to each run as soon as it ends."""
         runs = []
         for _ in range(args.runs):
             run = wrk(url, script, work, name, args.seconds)
@@ -351,10 +351,10 @@ def main() -> int:
         image_server = Server(image_index)
 
         def against_the_model(run: dict) -> dict:
-            # The model alone right after each run: this machine's speed drifts by
-            # several percent within minutes (the model alone: 157 to 179 images/s
-            # within ten), more than the service's own overhead, so each run is set
-            # against the model's speed of the same minute.
+            # The model alone right after each run: this machine's speed drifts
+            # (the model alone: 157 to 179 images/s within ten minutes), more than
+            # the service's own overhead, so each run is set against the model's
+            # speed of the same minute.
             alone = model_images_per_sec(image_index)
             return {"model_images_per_sec": alone, "of_model": run["requests_per_sec"] / alone}
 
