@@ -316,19 +316,24 @@ def main() -> int:
         for vector in vectors:
             file.write(json.dumps({"vectors": [[round(float(v), 6) for v in vector]], "k": 10}) + "\n")
 
-    def measure(url: str, script: str, name: str, each_run=None) -> dict:
-        """The median of ``--runs`` runs, with the range of all: by requests/s or, with
-        ``each_run``, by the ``of_model`` ratio it adds to each run as soon as it ends."""
+    def measure(url: str, script: str, name: str, model_index: str | None = None) -> dict:
+        """The median of ``--runs`` runs, with the range of all, by requests/s. With
+        ``model_index``, each run is set against that index's model alone, measured
+        right after it, and the median is by that ratio: this machine's speed drifts
+        (the model alone: 157 to 179 images/s within ten minutes), more than the
+        service's own overhead."""
         runs = []
         for _ in range(args.runs):
             run = wrk(url, script, work, name, args.seconds)
-            runs.append(run | (each_run(run) if each_run else {}))
-        key = "of_model" if each_run else "requests_per_sec"
-        runs.sort(key=lambda run: run[key])
+            if model_index:
+                alone = model_images_per_sec(model_index)
+                run |= {"model_images_per_sec": alone, "of_model": run["requests_per_sec"] / alone}
+            runs.append(run)
+        runs.sort(key=lambda run: run["of_model" if model_index else "requests_per_sec"])
         return {
             **runs[len(runs) // 2],
             "runs_requests_per_sec": [run["requests_per_sec"] for run in runs],
-            "runs_of_model": [run["of_model"] for run in runs] if each_run else None,
+            "runs_of_model": [run["of_model"] for run in runs] if model_index else None,
             "errors": sum(r["errors"] for r in runs),
         }
 
@@ -349,20 +354,11 @@ def main() -> int:
         with open(body, "wb") as file:
             file.write(multipart(image))
         image_server = Server(image_index)
-
-        def against_the_model(run: dict) -> dict:
-            # The model alone right after each run: this machine's speed drifts
-            # (the model alone: 157 to 179 images/s within ten minutes), more than
-            # the service's own overhead, so each run is set against the model's
-            # speed of the same minute.
-            alone = model_images_per_sec(image_index)
-            return {"model_images_per_sec": alone, "of_model": run["requests_per_sec"] / alone}
-
         results["by image"] = measure(
             image_server.url,
             BY_FILE % {"body": body, "path": "/v1/search/image?k=10"},
             "by_image",
-            each_run=against_the_model,
+            model_index=image_index,
         )
         image_server.stop()
     index_ram = index_ram_per_process(index)
