@@ -20,7 +20,6 @@ from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -28,8 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, create_model
 from starlette.exceptions import HTTPException
 
-from imgembed.service.batching import SearchBatcher
-from imgembed.service.searcher import LiveIndex, QueryError
+from imgembed.service.batching import ImageBatcher, SearchBatcher
+from imgembed.service.searcher import ImageQuery, LiveIndex, QueryError
 
 # JSON bodies carry at most max_batch vectors of ~1024 numbers: 64 x 1024 x ~20 bytes.
 MAX_JSON_BYTES = 2 * 2**20
@@ -381,11 +380,9 @@ def create_app(live: LiveIndex) -> FastAPI:
     # Offered only when the index's model is loaded: the document says what this
     # service answers (without a model, an image query is a 404 like any unknown route).
     if searcher.images is not None and searcher.images.model is not None:
-        # Uploads waiting for the model wait here, in the event loop: in the thread
-        # pool, 32 of them queued on the model's gate and handing the GIL around
-        # took a quarter of the worker's Python time (by image: 0.73 of the
-        # model's own images/s).
-        embedding_slots = CapacityLimiter(searcher.images.threads)
+        # Uploads wait for the model in the event loop, not in a thread pool (where
+        # 32 of them handing the GIL around took a quarter of the worker's Python time).
+        images = ImageBatcher(searcher.images.threads)
 
         @app.post(
             IMAGE_ROUTE,
@@ -404,14 +401,8 @@ def create_app(live: LiveIndex) -> FastAPI:
         ):
             current = live.current
             data = await image.read(limits.max_upload_bytes + 1)
-            hits = await to_thread.run_sync(
-                current.search_image,
-                data,
-                k,
-                collapse_duplicates,
-                _filters(filter, fields),
-                limiter=embedding_slots,
-            )
+            upload = ImageQuery(data, k, collapse_duplicates, _filters(filter, fields))
+            hits = await images.answer(current, upload)
             return OrjsonResponse({"metric": current.metric.value, "results": hits})
 
     @app.get("/metrics", include_in_schema=False)

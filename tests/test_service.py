@@ -120,6 +120,47 @@ def test_collapsing_duplicates_keeps_one_image_per_cluster(client):
     assert sum("chessboard" in hit["uri"] for hit in collapsed) == 1
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_uploads_queued_together_answer_as_each_alone(built, threads):
+    """Image queries waiting together are embedded one by one and searched in one faiss
+    call (service/batching.py); each gets the answer it gets alone, and a bad upload
+    only its own error."""
+    import asyncio
+
+    from imgembed.service.batching import ImageBatcher
+    from imgembed.service.searcher import ImageQuery, QueryError, Searcher
+
+    searcher = Searcher.open(str(built / "index"), image_threads=threads)
+    source = searcher.items.describe([0], ("source",))[0]["source"]
+    uploads = [ImageQuery(pathlib.Path(path).read_bytes(), 3 + n % 4) for n, path in enumerate(CORPUS[:9])]
+    uploads[2] = ImageQuery(uploads[2].data, 5, collapse=True)
+    uploads[4] = ImageQuery(uploads[4].data, 4, filters={"source": source})
+    uploads[6] = ImageQuery(b"just text, not an image", 3)
+    uploads.append(ImageQuery(uploads[0].data, 0))
+
+    def alone(upload):
+        try:
+            return searcher.search_image(upload.data, upload.k, upload.collapse, upload.filters)
+        except QueryError as error:
+            return (error.status, error.code)
+
+    expected = [alone(upload) for upload in uploads]
+    assert expected[6] == (400, "not_an_image") and expected[-1] == (400, "bad_k")
+    calls = []
+    search_all = searcher.search_all
+    searcher.search_all = lambda vectors, fetch: calls.append(len(vectors)) or search_all(vectors, fetch)
+
+    async def together():
+        images = ImageBatcher(threads)
+        answers = await asyncio.gather(
+            *(images.answer(searcher, upload) for upload in uploads), return_exceptions=True
+        )
+        return [(a.status, a.code) if isinstance(a, QueryError) else a for a in answers]
+
+    assert asyncio.run(together()) == expected
+    assert sum(calls) == 7 and max(calls) > 1, calls  # the filtered one ran alone
+
+
 def truncated_multipart() -> tuple[bytes, dict]:
     body = b'--XYZ\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n\xff\xd8\xff'
     return body, {"content-type": "multipart/form-data; boundary=XYZ"}
