@@ -94,7 +94,8 @@ class SearchBatcher:
 
 class ImageBatcher:
     """Belongs to one event loop (one worker process); ``threads`` images are
-    embedded at once, one on each thread."""
+    embedded at once, one on each thread. An upload that cannot be decoded fails
+    alone; a failure of the model or of faiss goes to every upload of its call."""
 
     def __init__(self, threads: int):
         self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="images")
@@ -130,7 +131,7 @@ class ImageBatcher:
         for (_, _, future), answer in zip(jobs, answers, strict=True):
             if future.done():  # cancelled meanwhile
                 continue
-            if isinstance(answer, BaseException):  # a QueryError: this upload's own
+            if isinstance(answer, BaseException):  # this upload's own, or the call's
                 future.set_exception(answer)
             else:
                 future.set_result(answer)

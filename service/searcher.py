@@ -219,11 +219,11 @@ class Searcher:
         self, data: bytes, k: int, collapse: bool = False, filters: dict | None = None
     ) -> list[dict]:
         (answer,) = self.search_images([ImageQuery(data, k, collapse, filters)])
-        if isinstance(answer, QueryError):
+        if isinstance(answer, Exception):
             raise answer
         return answer
 
-    def search_images(self, uploads: list[ImageQuery]) -> list[list[dict] | QueryError]:
+    def search_images(self, uploads: list[ImageQuery]) -> list[list[dict] | Exception]:
         """The hits of each upload, or why it has none. All are decoded and resized
         first, then embedded one at a time, then searched in one faiss call: step by
         step, each finds its code and data still in the caches, which the model's call
@@ -238,7 +238,7 @@ class Searcher:
                 self.check_k(upload.k)
                 self._checked_filters(upload.filters)
                 pixels[i] = self.images.pixels(upload.data)
-            except QueryError as error:
+            except Exception as error:  # noqa: BLE001 (whatever an upload does fails it alone)
                 answers[i] = error
         queries = {
             i: self.vectors_query(

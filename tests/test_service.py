@@ -146,6 +146,10 @@ def test_uploads_queued_together_answer_as_each_alone(built, threads):
 
     expected = [alone(upload) for upload in uploads]
     assert expected[6] == (400, "not_an_image") and expected[-1] == (400, "bad_k")
+    uploads.append(ImageQuery(b"a decoder bug", 3))  # whatever an upload raises fails it alone
+    expected.append((500, "ZeroDivisionError"))
+    pixels = searcher.images.pixels
+    searcher.images.pixels = lambda data: pixels(data) if data != b"a decoder bug" else 1 / 0
     calls = []
     search_all = searcher.search_all
     searcher.search_all = lambda vectors, fetch: calls.append(len(vectors)) or search_all(vectors, fetch)
@@ -155,7 +159,14 @@ def test_uploads_queued_together_answer_as_each_alone(built, threads):
         answers = await asyncio.gather(
             *(images.answer(searcher, upload) for upload in uploads), return_exceptions=True
         )
-        return [(a.status, a.code) if isinstance(a, QueryError) else a for a in answers]
+        return [
+            (a.status, a.code)
+            if isinstance(a, QueryError)
+            else (500, type(a).__name__)
+            if isinstance(a, Exception)
+            else a
+            for a in answers
+        ]
 
     assert asyncio.run(together()) == expected
     assert sum(calls) == 7 and max(calls) > 1, calls  # the filtered one ran alone
