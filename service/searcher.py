@@ -225,9 +225,10 @@ class Searcher:
 
     def search_images(self, uploads: list[ImageQuery]) -> list[list[dict] | Exception]:
         """The hits of each upload, or why it has none. All are decoded and resized
-        first, then embedded one at a time, then searched in one faiss call: step by
-        step, each finds its code and data still in the caches, which the model's call
-        empties (0.55 ms less an image than one upload after another, of 13)."""
+        first, then embedded one at a time, then searched in one faiss call (those
+        with a filter each with its own selector): step by step, each finds its code
+        and data still in the caches, which the model's call empties (0.55 ms less
+        an image than one upload after another, of 13)."""
         if self.images is None:
             error = QueryError(503, "image_search_unavailable", "image search is off for this service")
             return [error] * len(uploads)
