@@ -25,8 +25,6 @@ import asyncio
 import concurrent.futures
 import math
 
-import numpy as np
-
 from imgembed.service.searcher import ImageQuery, Query, Searcher
 
 # Query vectors in one faiss call at most: bounds how long a call keeps the queue waiting.
@@ -158,17 +156,7 @@ def _search_calls(calls) -> list[list]:
     results = []
     for searcher, queries, _ in calls:
         try:
-            scores, found = searcher.search_all(
-                np.concatenate([query.vectors for query in queries]), queries[0].fetch
-            )
+            results.append(searcher.search_together(queries))
         except Exception as error:  # noqa: BLE001 (handed to the requests, which answer it)
             results.append([error] * len(queries))
-            continue
-        bounds = np.cumsum([0] + [len(query.vectors) for query in queries])
-        results.append(
-            [
-                (scores[start:end], found[start:end])
-                for start, end in zip(bounds[:-1], bounds[1:], strict=True)
-            ]
-        )
     return results

@@ -253,10 +253,10 @@ class Searcher:
                 by_fetch.setdefault(query.fetch, []).append(i)
             else:
                 answers[i] = self.answer(query)[0]
-        for fetch, members in by_fetch.items():
-            scores, found = self.search_all(np.concatenate([queries[i].vectors for i in members]), fetch)
-            for row, i in enumerate(members):
-                answers[i] = queries[i].finish(scores[row : row + 1], found[row : row + 1])[0]
+        for members in by_fetch.values():
+            searched = self.search_together([queries[i] for i in members])
+            for i, (scores, found) in zip(members, searched, strict=True):
+                answers[i] = queries[i].finish(scores, found)[0]
         return answers
 
     # --- searching: a checked Query, faiss, then its hits -----------------------
@@ -295,6 +295,16 @@ class Searcher:
     def search_all(self, prepared: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """Unfiltered faiss search of prepared vectors."""
         return self.loaded.index.search(prepared, fetch)
+
+    def search_together(self, queries: list[Query]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Unfiltered queries of one ``fetch`` in one faiss call; (scores, ids) of each."""
+        scores, found = self.search_all(
+            np.concatenate([query.vectors for query in queries]), queries[0].fetch
+        )
+        bounds = np.cumsum([0] + [len(query.vectors) for query in queries])
+        return [
+            (scores[start:end], found[start:end]) for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
 
     def _query(self, prepared: np.ndarray, k: int, collapse: bool, filters: dict) -> Query:
         # Ask for more when collapsing: copies of one image would fill the page.

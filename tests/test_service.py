@@ -138,11 +138,16 @@ def test_uploads_queued_together_answer_as_each_alone(built, threads):
     uploads[6] = ImageQuery(b"just text, not an image", 3)
     uploads.append(ImageQuery(uploads[0].data, 0))
 
+    def outcome(answer):
+        if isinstance(answer, QueryError):
+            return (answer.status, answer.code)
+        return (500, type(answer).__name__) if isinstance(answer, Exception) else answer
+
     def alone(upload):
         try:
             return searcher.search_image(upload.data, upload.k, upload.collapse, upload.filters)
         except QueryError as error:
-            return (error.status, error.code)
+            return outcome(error)
 
     expected = [alone(upload) for upload in uploads]
     assert expected[6] == (400, "not_an_image") and expected[-1] == (400, "bad_k")
@@ -159,14 +164,7 @@ def test_uploads_queued_together_answer_as_each_alone(built, threads):
         answers = await asyncio.gather(
             *(images.answer(searcher, upload) for upload in uploads), return_exceptions=True
         )
-        return [
-            (a.status, a.code)
-            if isinstance(a, QueryError)
-            else (500, type(a).__name__)
-            if isinstance(a, Exception)
-            else a
-            for a in answers
-        ]
+        return [outcome(answer) for answer in answers]
 
     assert asyncio.run(together()) == expected
     assert sum(calls) == 7 and max(calls) > 1, calls  # the filtered one ran alone
