@@ -17,7 +17,7 @@ PACKAGE_DIR |= {f"imgembed.{folder}": folder for folder in TOP_LEVEL_FOLDERS}
 
 setup(
     name="imgembed",
-    version="0.1.0",
+    version="0.2.0",
     description="Embed image corpora with MobileNet V1 on Apache Beam and search them with FAISS",
     long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

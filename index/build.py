@@ -1,4 +1,5 @@
-"""Build an index from embeddings, or add new embeddings to one; measure it; write it.
+"""Build an index from embeddings; measure it; write it. (index/update.py adds to
+one, or keeps it in step with its embeddings.)
 
 choose (index/choose.py) -> train on a sample -> add in batches (here, or on
 Beam: index/beam_build.py) -> tune nprobe/efSearch on held-out queries ->
@@ -20,7 +21,6 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from imgembed import __version__
 from imgembed.common import progress, storage
@@ -32,8 +32,6 @@ from imgembed.index.faiss_index import (
     add_vectors,
     exact_assignment,
     has_on_disk_lists,
-    is_ivf,
-    native_stdout_silenced,
     new_index,
     search_param_grid,
     set_search_params,
@@ -42,7 +40,7 @@ from imgembed.index.faiss_index import (
 )
 from imgembed.index.reader import EmbeddingSource
 from imgembed.index.refine_file import RefineVectors
-from imgembed.index.vectors import IndexInputError, Metric, prepare
+from imgembed.index.vectors import Metric, prepare
 from imgembed.transforms.embedding_transform import TransformOptions
 
 _log = logging.getLogger(__name__)
@@ -142,7 +140,7 @@ def train(plan: IndexPlan, source: EmbeddingSource, config: IndexConfig, phase=N
     return index
 
 
-def _query_sets(source: EmbeddingSource, config: IndexConfig, among: EmbeddingSource | None = None):
+def held_out_queries(source: EmbeddingSource, config: IndexConfig, among: EmbeddingSource | None = None):
     """Disjoint tuning and evaluation queries with their exact neighbours in ``source``.
     Queries are drawn from ``among`` (default: the whole source)."""
     among = among or source
@@ -223,7 +221,7 @@ def fit(
         return FittedIndex(plan, index, {}, report, None, path, None)
     k = min(RECALL_K, source.count - 1)  # a tiny corpus has fewer than 10 neighbours
     if query_sets is None:
-        query_sets = _query_sets(source.reporting(clock.begin("exact_search", source.count)), config)
+        query_sets = held_out_queries(source.reporting(clock.begin("exact_search", source.count)), config)
     tune_set, eval_set, shared = query_sets
     target = min(1.0, config.recall_target + TUNING_MARGIN)
     grid = search_param_grid(plan, index)
@@ -316,13 +314,13 @@ def build(
             | ({"lists": store.ON_DISK} if has_on_disk_lists(fitted.index) else {}),
             "search_params": fitted.search_params,
             "recall_at_build": report["recall"],
-            "parts": [_part(source)],
+            "parts": [manifest_part(source)],
         } | filter_fields
         store.write_json(local, store.MANIFEST_FILE, manifest)
         # Without a transform, the evaluation queries' exact neighbours are raw cosine
         # neighbours too: they measure the duplicate pass for free.
         truth = fitted.eval_set if transform_info is None else None
-        report["duplicates"] = _duplicates(
+        report["duplicates"] = duplicate_clusters(
             local,
             fitted.index,
             source,
@@ -407,140 +405,11 @@ def compare_with_raw(
     }
 
 
-def add_to_index(
-    index_dir: str, folders: list[str], config: IndexConfig, add: AddFunction = add_locally
-) -> dict:
-    """Adds the rows of embedding files not yet in the index, keeping its training;
-    re-measures recall on queries among the new rows and says if a retrain is due."""
-    loaded = store.load(index_dir)
-    manifest = loaded.manifest
-    metric = loaded.metric
-    config = dataclasses.replace(config, metric=metric)
-    known = [file["path"] for part in manifest["parts"] for file in part["files"]]
-    # New rows go through the index's own transform, as its rows did.
-    transform = loaded.transform()
-    new = EmbeddingSource(folders, first_id=loaded.count, skip_paths=known).with_transform(transform)
-    report: dict = {"added": new.count, "skipped_files_already_indexed": len(known)}
-    if new.count == 0:
-        report["note"] = "every embedding file given is already in the index"
-        return report
-    _check_compatible(manifest, new, loaded.items.table.column("id"))
-
-    with store.new_version(index_dir) as version:
-        local = version.local_dir
-        before = _imbalance(loaded.index)
-        index, written = _extended(loaded, new, config, add, local)
-        combined_raw = EmbeddingSource.from_files(
-            [file for part in manifest["parts"] for file in part["files"]]
-            + [dataclasses.asdict(f) for f in new.files]
-        )
-        combined = combined_raw.with_transform(transform)
-        _, queries, _ = _query_sets(combined, config, among=new)
-        new_recall = recall(index, queries, min(RECALL_K, combined.count - 1))
-        at_build = manifest["recall_at_build"].get(f"recall@{RECALL_K}", 1.0)
-        drift = at_build - new_recall
-        advise = new_recall < config.recall_target or drift > RETRAIN_DRIFT
-        report |= {
-            f"recall@{RECALL_K}_on_new_rows": round(new_recall, 4),
-            f"recall@{RECALL_K}_at_build": at_build,
-            "imbalance_factor": {"before": before, "after": _imbalance(index)},
-            "retrain_advised": advise,
-            "why": (
-                f"recall@{RECALL_K} on queries among the new rows is {new_recall:.3f} "
-                f"(build: {at_build:.3f}, target {config.recall_target}): "
-                + (
-                    "the trained quantiser no longer fits the data; rebuild the index"
-                    if advise
-                    else "no drift"
-                )
-            ),
-        }
-        if manifest.get("transform"):
-            shutil.copytree(
-                store.path(loaded.directory, store.TRANSFORM_DIR), store.path(local, store.TRANSFORM_DIR)
-            )
-        if written is None:
-            faiss.write_index(index, store.path(local, store.INDEX_FILE))
-        manifest |= items.write_items(loaded.sources() + [new], local)
-        manifest["parts"].append(_part(new))
-        manifest["count"] = int(index.ntotal)
-        store.write_json(local, store.MANIFEST_FILE, manifest)
-        report["duplicates"] = _duplicates(local, index, combined, config)
-        full_report = store.read_json(loaded.directory, store.REPORT_FILE)
-        full_report.setdefault("additions", []).append(report)
-        full_report["version"] = version.name
-        store.write_json(local, store.REPORT_FILE, full_report)
-    return report
-
-
-def _extended(
-    loaded: store.LoadedIndex, new: EmbeddingSource, config: IndexConfig, add: AddFunction, folder: str
-):
-    """The loaded index with the rows of ``new`` added, and its file when it was
-    written on the way: an ivf_pq_rflat index is read memory-mapped, so its base
-    is copied into RAM to grow and its raw vectors carried over on disk."""
-    concrete = faiss.downcast_index(loaded.index)
-    if has_on_disk_lists(loaded.index):  # read-only: grow a copy of its lists in the new version
-        for name in (store.INDEX_FILE, store.ON_DISK_LISTS_FILE):
-            shutil.copy(store.path(loaded.directory, name), store.path(folder, name))
-        with native_stdout_silenced():
-            index = faiss.read_index(store.path(folder, store.INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
-        set_search_params(index, loaded.manifest["search_params"])
-        with exact_assignment(index):
-            add(index, new, config.metric, None, None)
-        return index, None
-    if not isinstance(concrete, faiss.IndexRefine):
-        with exact_assignment(loaded.index):
-            add(loaded.index, new, config.metric, None, None)
-        return loaded.index, None
-    base = faiss.clone_index(concrete.base_index)
-    # A refine part that only counts: the raw vectors are in the refine file.
-    placeholder = faiss.IndexFlat(base.d, base.metric_type)
-    placeholder.ntotal = base.ntotal
-    growing = faiss.IndexRefine(base, placeholder)
-    refine = RefineVectors(growing, folder)
-    refine.append_from(store.path(loaded.directory, store.INDEX_FILE), loaded.count)
-    growing.ntotal = refine.ntotal
-    with exact_assignment(growing):
-        add(growing, new, config.metric, refine, None)
-    path = store.path(folder, store.INDEX_FILE)
-    refine.write_index(base, concrete.k_factor, path)
-    mapped_pages.watch(path)
-    index = faiss.read_index(path, store.MAPPED)
-    set_search_params(index, loaded.manifest["search_params"])
-    return index, path
-
-
-def _part(source: EmbeddingSource) -> dict:
+def manifest_part(source: EmbeddingSource) -> dict:
     return {"files": [dataclasses.asdict(file) for file in source.files]}
 
 
-def _check_compatible(manifest: dict, new: EmbeddingSource, indexed_ids) -> None:
-    if (
-        new.dim != manifest["dimension"]
-        or (new.metadata.get("model") or {}).get("name") != manifest["model"]["name"]
-    ):
-        raise IndexInputError(
-            f"the new embeddings ({(new.metadata.get('model') or {}).get('name')}, {new.dim}-d) do not match "
-            f"the index ({manifest['model']['name']}, {manifest['dimension']}-d)"
-        )
-    for _, batch in new.record_batches(["id", "uri"]):
-        seen = pc.is_in(batch.column("id"), value_set=indexed_ids)
-        if pc.any(seen).as_py():
-            first = batch.column("uri")[pc.index(seen, True).as_py()].as_py()
-            raise IndexInputError(
-                f"{pc.sum(seen).as_py()} new row(s) are already in the index (e.g. {first}); "
-                "embed only new images into a fresh --output folder, or rebuild the index"
-            )
-
-
-def _imbalance(index: faiss.Index) -> float | None:
-    if not is_ivf(index):
-        return None
-    return round(float(faiss.extract_index_ivf(index).invlists.imbalance_factor()), 3)
-
-
-def _duplicates(
+def duplicate_clusters(
     version_dir: str,
     index: faiss.Index,
     indexed: EmbeddingSource,

@@ -2,6 +2,7 @@
 
     imgembed index --embeddings out/mobilenet_v1_100_224_embedded --output out/index
     imgembed index --add --embeddings out2/mobilenet_v1_100_224_embedded --output out/index
+    imgembed index --sync --embeddings out/mobilenet_v1_100_224_embedded --output out/index
     imgembed index ... --distributed --runner DataflowRunner --project P --temp_location gs://b/tmp
 
 Flags not listed here go to Beam when --distributed or a tf.Transform stage is given;
@@ -17,8 +18,9 @@ import sys
 from imgembed.common.runners import with_default_runner
 from imgembed.common.units import format_size, parse_size
 from imgembed.index import store
-from imgembed.index.build import IndexConfig, add_locally, add_to_index, build
+from imgembed.index.build import IndexConfig, add_locally, build
 from imgembed.index.reader import EmbeddingSource
+from imgembed.index.update import add_to_index, sync_index
 from imgembed.index.vectors import IndexInputError, Metric
 from imgembed.transforms.embedding_transform import TransformOptions
 
@@ -38,7 +40,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--index-type", default=None, help="A faiss index_factory string that overrides the choice."
     )
-    p.add_argument("--add", action="store_true", help="Add embeddings to the existing index in --output.")
+    changes = p.add_mutually_exclusive_group()
+    changes.add_argument(
+        "--add",
+        action="store_true",
+        help="Add the embeddings of new images (another folder) to the index in --output, without retraining.",
+    )
+    changes.add_argument(
+        "--sync",
+        action="store_true",
+        help="Make the index in --output mirror --embeddings, without retraining: rows of embedding files "
+        "gone (images deleted or changed since) removed, rows of new files added. Builds it if there is none.",
+    )
     p.add_argument("--distributed", action="store_true", help="Add vectors with a Beam job (IVF indexes).")
     p.add_argument(
         "--dedup-threshold",
@@ -66,13 +79,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def describe_update(report: dict, index_dir: str) -> str:
+    if "note" in report:
+        return f"Nothing to change in {index_dir}: {report['note']}"
+    files = report["files"]
+    return "\n".join(
+        [
+            f"Updated {index_dir} to {report['count']:,} vectors (version {report['version']}, "
+            f"{report['seconds']:.1f} s): {report['added']:,} images added, {report['replaced']:,} replaced, "
+            f"{report['removed']:,} removed",
+            f"  files: {files['added']} new, {files['removed']} gone, {files['kept']} kept; "
+            f"{report['unchanged']:,} unchanged rows of rewritten files added again",
+            f"  {report['why']}",
+        ]
+        + (
+            ["  RETRAIN ADVISED: rebuild the index (imgembed index --overwrite)"]
+            if report["retrain_advised"]
+            else []
+        )
+    )
+
+
 def describe(report: dict, index_dir: str) -> str:
     if "added" in report:
-        if not report["added"]:
-            return f"Nothing added to {index_dir}: {report['note']}"
-        return f"Added {report['added']:,} vectors to {index_dir}\n  {report['why']}" + (
-            "\n  RETRAIN ADVISED" if report["retrain_advised"] else ""
-        )
+        return describe_update(report, index_dir)
     plan = report["index"]
     recall = "  ".join(f"{k} {v:.3f}" for k, v in report["recall"].items())
     k = min(10, report["count"] - 1)
@@ -158,6 +188,8 @@ def main(argv: list[str]) -> int:
             add = functools.partial(add_with_beam, pipeline_args=beam_args)
         if args.add:
             report = add_to_index(args.output, args.embeddings, config, add)
+        elif args.sync:
+            report = sync_index(args.output, args.embeddings, config, add)
         else:
             report = build(
                 EmbeddingSource(args.embeddings), args.output, config, add, overwrite=args.overwrite

@@ -270,6 +270,43 @@ def merge_shard(index: faiss.Index, shard: faiss.Index, refine: RefineVectors | 
         concrete.merge_from(other, 0)
 
 
+def can_remove_rows(index: faiss.Index) -> bool:
+    """IVF indexes (their lists, on disk or not) and Flat ones; not an HNSW graph."""
+    concrete = faiss.downcast_index(index)
+    target = (
+        faiss.downcast_index(concrete.base_index) if isinstance(concrete, faiss.IndexRefine) else concrete
+    )
+    return is_ivf(target) or isinstance(target, faiss.IndexFlatCodes)
+
+
+def remove_rows(index: faiss.Index, removed: np.ndarray) -> None:
+    """Removes the rows with these ids (sorted) and numbers the others densely, each
+    id less the removed ids below it: the index then holds what it would hold had
+    the removed rows never been added. An IndexRefine's base only: its raw vectors
+    are positional and written anew (index/refine_file.py)."""
+    concrete = faiss.downcast_index(index)
+    if isinstance(concrete, faiss.IndexRefine):
+        concrete = faiss.downcast_index(concrete.base_index)
+    if not len(removed):
+        return
+    selector = faiss.IDSelectorBatch(np.ascontiguousarray(removed, dtype=np.int64))
+    if not is_ivf(concrete):
+        concrete.remove_ids(selector)  # Flat rows move up in order: numbered densely already
+        return
+    ivf = faiss.extract_index_ivf(concrete)
+    with native_stdout_silenced():  # on-disk lists print as they shrink
+        ivf.remove_ids(selector)
+    concrete.ntotal = ivf.ntotal
+    lists = ivf.invlists
+    for number in range(ivf.nlist):
+        size = lists.list_size(number)
+        if size:
+            pointer = lists.get_ids(number)
+            ids = faiss.rev_swig_ptr(pointer, size)  # the list's own ids, renumbered in place
+            ids -= np.searchsorted(removed, ids)
+            lists.release_ids(number, pointer)
+
+
 def set_search_params(index: faiss.Index, params: dict) -> None:
     space = faiss.ParameterSpace()
     for name, value in params.items():

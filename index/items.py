@@ -10,6 +10,9 @@ their lookups touch.
     id_rows.npy      the FAISS id of each key, in that order    } binary search
     clusters.npy     each row's near-duplicate cluster (its smallest FAISS id)
     cluster_sizes.npy  the size of each row's cluster
+    thumbnails.arrow   each item's JPEG thumbnail, when the embeddings hold them
+                       (a version is self-contained: it never reads the embeddings
+                       files, which a later embed run may replace)
 
 >>> items = Items.open("out/index/v20261203T101500-3f2a1c")
 >>> items.row_of("9f4d3b6a...")
@@ -18,6 +21,7 @@ their lookups touch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -28,12 +32,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgembed.index.reader import EmbeddingSource
+from imgembed.index.vectors import IndexInputError
 
 ITEMS_FILE = "items.arrow"
 ID_KEYS_FILE = "id_keys.npy"
 ID_ROWS_FILE = "id_rows.npy"
 CLUSTERS_FILE = "clusters.npy"
 CLUSTER_SIZES_FILE = "cluster_sizes.npy"
+THUMBNAILS_FILE = "thumbnails.arrow"
+THUMBNAIL_COLUMN = "thumbnail"
 SOURCE_FIELD = "source"
 METADATA_PREFIX = "meta."
 # Metadata fields kept as columns for filters, the most common first (img2dataset
@@ -42,6 +49,8 @@ MAX_FILTER_FIELDS = 32
 # Filters asked for recently keep their matching rows (a bitmap, n / 8 bytes each).
 CACHED_FILTERS = 16
 EMBEDDING_COLUMNS = ("id", "uri", "sha256", "width", "height", "metadata")
+# What any tool's embeddings must hold; the rest of EMBEDDING_COLUMNS is left empty when missing.
+REQUIRED_COLUMNS = ("id", "uri")
 BASE_SCHEMA = [
     ("id", pa.string()),
     ("uri", pa.string()),
@@ -71,6 +80,8 @@ def _metadata_fields(sources: list[EmbeddingSource]) -> list[str]:
     metadata column alone)."""
     counts: dict[str, int] = {}
     for source in sources:
+        if "metadata" not in source.columns:
+            continue
         for _, batch in source.record_batches(["metadata"]):
             for text in batch.column(0).drop_null().to_pylist():
                 for key in json.loads(text):
@@ -86,36 +97,59 @@ def row_number_type(count: int) -> type:
 
 
 def write_items(sources: list[EmbeddingSource], version_dir: str) -> dict:
-    """items.arrow and the id lookup of every source in FAISS id order, streamed."""
+    """items.arrow, thumbnails.arrow (when any source has thumbnails) and the id
+    lookup of every source in FAISS id order, streamed. Columns other than id and uri
+    are optional: rows of files without them get empty values."""
+    for source in sources:
+        missing = [name for name in REQUIRED_COLUMNS if name not in source.columns]
+        if missing:
+            raise IndexInputError(f"{source.files[0].path} has no {', '.join(missing)} column")
     fields = _metadata_fields(sources)
     schema = pa.schema(BASE_SCHEMA + [(METADATA_PREFIX + field, pa.string()) for field in fields])
+    thumbnails = any(THUMBNAIL_COLUMN in source.columns for source in sources)
     keys = []
-    with (
-        pa.OSFile(os.path.join(version_dir, ITEMS_FILE), "wb") as sink,
-        pa.ipc.new_file(sink, schema) as writer,
-    ):
+    with contextlib.ExitStack() as files:
+        writer = files.enter_context(
+            pa.ipc.new_file(files.enter_context(_sink(version_dir, ITEMS_FILE)), schema)
+        )
+        if thumbnails:
+            thumbnail_schema = pa.schema([(THUMBNAIL_COLUMN, pa.binary())])
+            thumbnail_writer = files.enter_context(
+                pa.ipc.new_file(files.enter_context(_sink(version_dir, THUMBNAILS_FILE)), thumbnail_schema)
+            )
         for source in sources:
-            for _, batch in source.record_batches(EMBEDDING_COLUMNS):
-                metadata = batch.column("metadata")
+            present = [name for name in (*EMBEDDING_COLUMNS, THUMBNAIL_COLUMN) if name in source.columns]
+            for _, batch in source.record_batches(present):
+                column = dict(zip(present, batch.columns, strict=True))
+                empty = pa.nulls(batch.num_rows, pa.string())
+                metadata = column.get("metadata", empty)
                 parsed = [json.loads(text) if text else {} for text in metadata.to_pylist()]
-                columns = [batch.column(name) for name in EMBEDDING_COLUMNS[:5]]
-                columns += [
-                    pc.cast(
-                        pa.array([source_of(uri) for uri in batch.column("uri").to_pylist()]), pa.string()
-                    )
+                columns = [
+                    column[name] if name in column else pa.nulls(batch.num_rows, kind)
+                    for name, kind in BASE_SCHEMA[:5]
                 ]
-                columns += [metadata]
+                columns += [
+                    pc.cast(pa.array([source_of(uri) for uri in column["uri"].to_pylist()]), pa.string())
+                ]
+                columns += [pc.cast(metadata, pa.string())]
                 columns += [
                     pa.array([None if field not in row else str(row[field]) for row in parsed], pa.string())
                     for field in fields
                 ]
                 writer.write_batch(pa.record_batch(columns, schema=schema))
-                keys.append(id_keys(batch.column("id")))
+                if thumbnails:
+                    images = column.get(THUMBNAIL_COLUMN, pa.nulls(batch.num_rows, pa.binary()))
+                    thumbnail_writer.write_batch(pa.record_batch([images], schema=thumbnail_schema))
+                keys.append(id_keys(column["id"]))
     all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
     order = np.argsort(all_keys, kind="stable")
     np.save(os.path.join(version_dir, ID_KEYS_FILE), all_keys[order])
     np.save(os.path.join(version_dir, ID_ROWS_FILE), order.astype(row_number_type(len(order))))
     return {"filter_fields": [SOURCE_FIELD, *fields]}
+
+
+def _sink(version_dir: str, name: str) -> pa.OSFile:
+    return pa.OSFile(os.path.join(version_dir, name), "wb")
 
 
 def write_clusters(version_dir: str, cluster_of: np.ndarray) -> None:
@@ -136,12 +170,12 @@ class _MappedColumn:
         self._first = array.offset
         self._valid = np.frombuffer(validity, np.uint8) if array.null_count else None
         kind = array.type
-        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
             self._offsets = np.frombuffer(
                 buffers[0], np.int64 if pa.types.is_large_string(kind) else np.int32
             )
             self._data = memoryview(buffers[1]) if buffers[1] is not None else memoryview(b"")
-            self._read = self._string
+            self._read = self._bytes if pa.types.is_binary(kind) else self._string
         elif pa.types.is_integer(kind):
             self._values = np.frombuffer(buffers[0], kind.to_pandas_dtype())
             self._read = lambda at: int(self._values[at])
@@ -150,6 +184,9 @@ class _MappedColumn:
 
     def _string(self, at: int) -> str:
         return str(self._data[self._offsets[at] : self._offsets[at + 1]], "utf-8")
+
+    def _bytes(self, at: int) -> bytes:
+        return bytes(self._data[self._offsets[at] : self._offsets[at + 1]])
 
     def __getitem__(self, row: int):
         at = row + self._first
@@ -165,20 +202,38 @@ def _mapped(path: str) -> np.ndarray:
     return np.asarray(np.load(path, mmap_mode="r"))
 
 
+class _MappedBatches:
+    """The record batches of an Arrow IPC file, memory-mapped (zero-copy: every
+    batch's columns point into the map), read a value at a time. A file that does
+    not exist holds no rows (an index without thumbnails)."""
+
+    def __init__(self, path: str):
+        self.batches: list[pa.RecordBatch] = []
+        self.schema = None
+        if os.path.exists(path):
+            reader = pa.ipc.open_file(pa.memory_map(path))
+            self.batches = [reader.get_batch(number) for number in range(reader.num_record_batches)]
+            self.schema = reader.schema
+        self.starts = np.cumsum([0] + [batch.num_rows for batch in self.batches])
+        self.columns = [
+            {name: _MappedColumn(batch.column(name)) for name in batch.schema.names} for batch in self.batches
+        ]
+
+    def value(self, row: int, name: str):
+        number = int(np.searchsorted(self.starts, row, side="right")) - 1
+        if not 0 <= number < len(self.columns):
+            return None
+        return self.columns[number][name][row - int(self.starts[number])]
+
+
 class Items:
     """The items of one index version, memory-mapped; safe to share between threads."""
 
     def __init__(self, version_dir: str):
-        self._source = pa.memory_map(os.path.join(version_dir, ITEMS_FILE))
-        reader = pa.ipc.open_file(self._source)
-        # Zero-copy: every batch's columns point into the map.
-        self._batches = [reader.get_batch(number) for number in range(reader.num_record_batches)]
-        self._starts = np.cumsum([0] + [batch.num_rows for batch in self._batches])
-        self._columns = [
-            {name: _MappedColumn(batch.column(name)) for name in batch.schema.names}
-            for batch in self._batches
-        ]
-        self.table = pa.Table.from_batches(self._batches, schema=reader.schema)
+        mapped = _MappedBatches(os.path.join(version_dir, ITEMS_FILE))
+        self._value = mapped.value
+        self._starts, self._columns = mapped.starts, mapped.columns
+        self.table = pa.Table.from_batches(mapped.batches, schema=mapped.schema)
         self._keys = _mapped(os.path.join(version_dir, ID_KEYS_FILE))
         self._rows = _mapped(os.path.join(version_dir, ID_ROWS_FILE))
         self._clusters = _mapped(os.path.join(version_dir, CLUSTERS_FILE))
@@ -190,6 +245,11 @@ class Items:
         ]
         self._lock = threading.Lock()
         self._matching = functools.lru_cache(maxsize=CACHED_FILTERS)(self._matching_uncached)
+        self._thumbnails = _MappedBatches(os.path.join(version_dir, THUMBNAILS_FILE))
+
+    def thumbnail(self, row: int) -> bytes | None:
+        """The item's stored JPEG thumbnail, or None."""
+        return self._thumbnails.value(row, THUMBNAIL_COLUMN)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -208,10 +268,6 @@ class Items:
                 return row
             at += 1
         return None
-
-    def _value(self, row: int, name: str):
-        number = int(np.searchsorted(self._starts, row, side="right")) - 1
-        return self._columns[number][name][row - int(self._starts[number])]
 
     def cluster(self, row: int) -> tuple[int, int]:
         return int(self._clusters[row]), int(self._cluster_sizes[row])

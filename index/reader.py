@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -53,6 +51,7 @@ class EmbeddingSource:
     def __init__(self, folders: str | Sequence[str], first_id: int = 0, skip_paths: Sequence[str] = ()):
         """All embedding files under ``folders`` except ``skip_paths``, numbered from ``first_id``."""
         folders = [folders] if isinstance(folders, str) else list(folders)
+        folders = [storage.canonical(folder.rstrip("/")) for folder in folders]
         paths = [
             p for folder in folders for p in list_files(embeddings_glob(folder)) if p not in set(skip_paths)
         ]
@@ -62,6 +61,13 @@ class EmbeddingSource:
                 "`imgembed embed` writes for one model, e.g. out/mobilenet_v1_100_224_embedded"
             )
         self._init_files(sorted(paths), first_id, where=", ".join(folders))
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[str], first_id: int = 0) -> EmbeddingSource:
+        """These embedding files (none: an empty source), numbered from ``first_id``."""
+        source = cls.__new__(cls)
+        source._init_files(list(paths), first_id, "the files given")
+        return source
 
     @classmethod
     def from_files(cls, files: Sequence[dict | EmbeddingFile]) -> EmbeddingSource:
@@ -81,6 +87,7 @@ class EmbeddingSource:
     def _init_files(self, paths: Sequence[str], first_id: int, where: str) -> None:
         self.files: list[EmbeddingFile] = []
         self.metadata: dict | None = None
+        self.columns: list[str] = []  # those of the first file
         self.raw_dim: int | None = None
         self.transform = None
         self.progress = None
@@ -101,7 +108,7 @@ class EmbeddingSource:
             raise IndexInputError(f"{path} has no fixed-size `embedding` column; is it an imgembed file?")
         metadata = read_metadata(schema)
         if self.raw_dim is None:
-            self.raw_dim, self.metadata = field.type.list_size, metadata
+            self.raw_dim, self.metadata, self.columns = field.type.list_size, metadata, schema.names
         elif field.type.list_size != self.raw_dim:
             raise IndexInputError(
                 f"mixed dimensions: {path} has {field.type.list_size}-d embeddings, "
@@ -181,44 +188,3 @@ def _footer(path: str) -> tuple[pa.Schema, int]:
     with storage.open_file(path) as handle:
         parquet = pq.ParquetFile(handle)
         return parquet.schema_arrow, parquet.metadata.num_rows
-
-
-class RowReader:
-    """Random access to rows of embedding files by FAISS id (for the service).
-
-    Parquet is read a row group at a time; the last few row groups read are kept,
-    since neighbours and thumbnails of one page tend to come from few of them.
-    """
-
-    def __init__(self, files: Sequence[EmbeddingFile], cached_row_groups: int = 16):
-        self._files = list(files)
-        self._first_ids = np.array([file.first_id for file in self._files], dtype=np.int64)
-        self._lock = threading.Lock()
-        self._read_row_group = functools.lru_cache(maxsize=cached_row_groups)(self._read_row_group_uncached)
-        self._row_group_starts: dict[int, np.ndarray] = {}
-
-    def row(self, faiss_id: int, columns: tuple[str, ...]) -> dict:
-        number = int(np.searchsorted(self._first_ids, faiss_id, side="right")) - 1
-        file = self._files[number]
-        if number < 0 or not 0 <= faiss_id - file.first_id < file.num_rows:
-            raise KeyError(faiss_id)
-        local = faiss_id - file.first_id
-        with self._lock:
-            starts = self._starts(number)
-            group = int(np.searchsorted(starts, local, side="right")) - 1
-            table = self._read_row_group(number, group, columns)
-        return table.slice(local - int(starts[group]), 1).to_pylist()[0]
-
-    def _starts(self, number: int) -> np.ndarray:
-        if number not in self._row_group_starts:
-            with storage.open_file(self._files[number].path) as handle:
-                metadata = pq.ParquetFile(handle).metadata
-            sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-            self._row_group_starts[number] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        return self._row_group_starts[number]
-
-    def _read_row_group_uncached(self, number: int, group: int, columns: tuple[str, ...]) -> pa.Table:
-        with storage.open_file(self._files[number].path) as handle:
-            parquet = pq.ParquetFile(handle)
-            present = [column for column in columns if column in parquet.schema_arrow.names]
-            return parquet.read_row_group(group, columns=present)

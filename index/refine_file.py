@@ -51,18 +51,21 @@ class RefineVectors:
         self._file.write(vectors.tobytes())
         self.ntotal += len(vectors)
 
-    def append_from(self, path: str, count: int) -> None:
+    def append_from(self, path: str, count: int, ranges: list[tuple[int, int]] | None = None) -> None:
         """The refine vectors of an index file written by ``write_index`` (an index
-        being extended keeps its rows), copied without reading them into RAM."""
-        size = count * self.dim * 4
+        being extended keeps its rows), copied without reading them into RAM:
+        all ``count`` of them, or the rows of the [start, stop) ``ranges``."""
+        row_bytes = self.dim * 4
+        start_of_vectors = os.path.getsize(path) - 4 - count * row_bytes
         with open(path, "rb") as source:
-            source.seek(os.path.getsize(path) - 4 - size)
-            remaining = size
-            while remaining:
-                chunk = source.read(min(COPY_CHUNK, remaining))
-                self._file.write(chunk)
-                remaining -= len(chunk)
-        self.ntotal += count
+            for start, stop in ranges if ranges is not None else [(0, count)]:
+                source.seek(start_of_vectors + start * row_bytes)
+                remaining = (stop - start) * row_bytes
+                while remaining:
+                    chunk = source.read(min(COPY_CHUNK, remaining))
+                    self._file.write(chunk)
+                    remaining -= len(chunk)
+                self.ntotal += stop - start
 
     def write_index(self, base: faiss.Index, k_factor: float, path: str) -> None:
         """index.faiss of the IndexRefineFlat ``base`` + these vectors; the

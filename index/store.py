@@ -4,15 +4,16 @@
     INDEX_DIR/<version>/index.faiss         the FAISS index (search parameters applied at load)
     INDEX_DIR/<version>/index.ivfdata       its inverted lists, when a distributed build merged
                                             them on disk (faiss OnDiskInvertedLists)
-    INDEX_DIR/<version>/items.arrow, *.npy  each item's id, uri, metadata, cluster, id lookup
-                                            (memory-mapped, index/items.py; never a pickle)
+    INDEX_DIR/<version>/items.arrow, *.npy  each item's id, uri, metadata, cluster, id lookup,
+                                            thumbnails (memory-mapped, index/items.py; never a
+                                            pickle): a version never reads the embeddings files
     INDEX_DIR/<version>/manifest.json       model, preprocessing, dimension, metric, transform,
                                             count, search parameters, the embeddings it holds
     INDEX_DIR/<version>/report.json         why this index, recall, bytes, build time, latency
     INDEX_DIR/<version>/duplicates.parquet  near-duplicate clusters (rows in clusters of 2+)
     INDEX_DIR/<version>/transform/          the tf.Transform graph, when the index has one
 
-Every build and every ``--add`` writes a new version beside the live one and then
+Every build, ``--add`` and ``--sync`` writes a new version beside the live one and then
 switches CURRENT, so a reader (the service, memory-mapping a version's files) never
 sees a file change under it; the version before the live one is kept for readers
 that have not switched yet. INDEX_DIR may be on any Beam filesystem: a remote
@@ -47,7 +48,8 @@ MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
 DUPLICATES_FILE = "duplicates.parquet"
 TRANSFORM_DIR = "transform"  # a copy of the tf.Transform graph, when the index has one
-FORMAT_VERSION = 2
+# 3: thumbnails in the version, canonical paths, ids of canonical URIs (imgembed 0.2).
+FORMAT_VERSION = 3
 VERSION_PREFIX = "v"
 _VERSION_NAME = re.compile(r"v\d{8}T\d{6,12}-[0-9a-f]{6}")
 # How faiss reads a memory-mapped index (see load).
@@ -210,7 +212,10 @@ def load(index_dir: str, mmap: bool = False) -> LoadedIndex:
     directory = live_dir(index_dir)
     manifest = read_json(directory, MANIFEST_FILE)
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexInputError(f"{index_dir}: index format {manifest.get('format_version')} is not supported")
+        raise IndexInputError(
+            f"{index_dir}: index format {manifest.get('format_version')} was written by another imgembed "
+            f"(this one reads format {FORMAT_VERSION}); build it again with `imgembed index --overwrite`"
+        )
     if manifest["index"].get("lists") == ON_DISK:
         # faiss maps on-disk lists itself; IO_FLAG_MMAP_IFC cannot be combined with them.
         with native_stdout_silenced():

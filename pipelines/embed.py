@@ -39,7 +39,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from imgembed.common import progress, storage
-from imgembed.common.embedding_files import key_of, markers_glob
+from imgembed.common.embedding_files import ID_SCHEME, key_of, markers_glob
 from imgembed.common.runners import local_workers, with_default_runner
 from imgembed.common.units import parse_size
 from imgembed.models.errors import ModelLoadError
@@ -48,17 +48,18 @@ from imgembed.models.registry import EMBEDDED_MODEL_NAME
 from imgembed.pipelines import outputs
 from imgembed.pipelines.default_corpus import default_corpus_patterns
 from imgembed.pipelines.model_staging import stage
+from imgembed.pipelines.plan import RunPlan, output_state, plan_run
 from imgembed.pipelines.preprocess import ImagePreparer
 from imgembed.pipelines.shard_worker import EmbedShard, ShardJob
 from imgembed.pipelines.shards import (
     PLAN_FOLDER,
     InputError,
+    InputFile,
     InputFormat,
     InputShard,
+    list_inputs,
     plan_path,
-    plan_shards,
     settings_key,
-    shard_key,
     write_plan,
 )
 from imgembed.pipelines.sources import DEFAULT_METADATA_FIELDS, IMAGE_COLUMNS, ReadOptions
@@ -213,7 +214,8 @@ class EmbedOptions(PipelineOptions):
 class EmbedConfig:
     """The validated settings of one embed run."""
 
-    shards: tuple[InputShard, ...]
+    inputs: dict[str, InputFile]  # by canonical path
+    files_per_shard: int
     output_dir: str
     models: tuple[PreparedModel, ...]
     preparer: ImagePreparer
@@ -253,7 +255,7 @@ class EmbedConfig:
         fields = tuple(field.strip() for field in options.metadata_fields.split(",") if field.strip())
         patterns = options.inputs or default_corpus_patterns()
         with prepared_meanwhile(options.models or [EMBEDDED_MODEL_NAME], options.backend) as prepared:
-            shards = tuple(plan_shards(patterns, input_format, options.files_per_shard))
+            inputs = list_inputs(patterns, input_format)
             models = tuple(prepared())
         names = [model.spec.name for model in models]
         if len(set(names)) != len(names):
@@ -267,9 +269,11 @@ class EmbedConfig:
             # Split the cores between local worker processes: each running a model on
             # every core would only make them wait for each other.
             threads = max(1, (os.cpu_count() or 1) // local_workers)
+        output = options.output
         return cls(
-            shards=shards,
-            output_dir=options.output.rstrip("/") or "/",
+            inputs=inputs,
+            files_per_shard=options.files_per_shard,
+            output_dir=storage.canonical(output.rstrip("/") or "/") if storage.is_local(output) else output,
             models=models,
             preparer=ImagePreparer(preprocessing, sizes, limits, options.thumbnail_size),
             read=ReadOptions(limits, options.image_column, fields),
@@ -283,6 +287,8 @@ class EmbedConfig:
     def settings(self) -> dict:
         """Everything besides the inputs that decides the outputs: part of shard keys."""
         return {
+            # Ids hash canonical URIs (imgembed 0.2): outputs of before are other settings.
+            "ids": ID_SCHEME,
             "models": [model.spec.to_metadata() | {"backend": model.backend} for model in self.models],
             "preprocessing": self.preparer.preprocessing.to_metadata(),
             "limits": dataclasses.asdict(self.preparer.limits),
@@ -337,29 +343,33 @@ def build_pipeline(pipeline: beam.Pipeline, job: ShardJob, plan: str) -> None:
     )
 
 
-def _plan_outputs(config: EmbedConfig, key: str, dry_run: bool) -> tuple[dict[str, InputShard], set[str]]:
-    """(every shard of the run by key, the keys of those complete before); clears what a
-    rerun must not mix with, unless it is a dry run, which changes nothing."""
+def _plan_run(config: EmbedConfig, key: str, dry_run: bool) -> RunPlan:
+    """What the run writes, against what the output holds; clears what the run must
+    not mix with (unless it is a dry run, which changes nothing): shards replaced or
+    retracted, files of no committed shard, and with --overwrite everything."""
     names = [model.spec.name for model in config.models]
-    keyed = {shard_key(shard, key): shard for shard in config.shards}
-    state = outputs.output_state(config.output_dir, names, set(keyed), key)
+    state = output_state(config.output_dir, names, key)
     if state.foreign and not config.overwrite:
         raise ValueError(
-            f"{config.output_dir} holds shards embedded with other settings ({state.foreign[0]} ...); "
+            f"{config.output_dir} holds shards embedded with other settings ({state.foreign[0]} ...), "
+            "or by an imgembed before 0.2, whose ids depended on how a path was typed; "
             "pass --overwrite to replace them or choose another --output"
         )
+    if config.overwrite:
+        state = dataclasses.replace(state, committed={}, files_by_key={})
+    plan = plan_run(state.committed, config.inputs, config.files_per_shard, key)
     if dry_run:
-        return keyed, state.done
+        return plan
     outputs.delete_leftover_temporaries(config.output_dir, names)
     if config.overwrite:
         outputs.delete_everything(config.output_dir, state.foreign, names)
-        return keyed, set()
-    if state.stale:
-        _log.warning(
-            "removing %d output files of shards whose inputs changed since the last run", len(state.stale)
-        )
-        storage.delete(state.stale)
-    return keyed, state.done
+        return plan
+    outputs.delete_shards(config.output_dir, plan.superseded + plan.retracted, names)
+    orphans = state.orphans(plan)
+    if orphans:
+        _log.info("removing %d files of shards a killed run did not commit", len(orphans))
+        storage.delete(orphans)
+    return plan
 
 
 class MarkerWatcher:
@@ -450,7 +460,7 @@ def run(
         if model.note:
             _log.warning("%s", model.note)
     key = settings_key(config.settings())
-    keyed, done = _plan_outputs(config, key, dry_run)
+    plan = _plan_run(config, key, dry_run)
     job = ShardJob(
         output_dir=config.output_dir,
         settings_key=key,
@@ -461,25 +471,33 @@ def run(
         top_k=config.top_k,
         threads=config.inference_threads,
     )
-    plan = plan_path(config.output_dir, key)
-    if not dry_run:
-        write_plan(plan, keyed)
-    pipeline = test_pipeline or beam.Pipeline(options=options)
-    build_pipeline(pipeline, job, plan)
+    plan_file = plan_path(config.output_dir, key)
     started = time.monotonic()
-    pending = {} if dry_run else {shard: keyed[shard] for shard in keyed.keys() - done}
-    with MarkerWatcher(config.output_dir, pending):
-        try:
-            result = pipeline.run()
-            result.wait_until_finish()
-        except Exception as error:  # the runner's report of a worker's failure
-            raise JobFailed(_job_failure(error)) from error
-    if dry_run:
-        return DryRun(_write_job_file(result, options))
-    total = storage.read_json(totals_path(config.output_dir, key))
+    if plan.todo or dry_run:  # with nothing to write, no job is started
+        if not dry_run:
+            write_plan(plan_file, plan.todo)
+        pipeline = test_pipeline or beam.Pipeline(options=options)
+        build_pipeline(pipeline, job, plan_file)
+        with MarkerWatcher(config.output_dir, {} if dry_run else plan.todo):
+            try:
+                result = pipeline.run()
+                result.wait_until_finish()
+            except Exception as error:  # the runner's report of a worker's failure
+                raise JobFailed(_job_failure(error)) from error
+        if dry_run:
+            return DryRun(_write_job_file(result, options))
+        written = storage.read_json(totals_path(config.output_dir, key))
+    else:
+        written = outputs.add_markers([])
     backends = {model.spec.name: model.backend for model in config.models}
     summary = outputs.RunSummary.from_markers(
-        total, config.output_dir, backends, len(done), time.monotonic() - started, config.max_error_rate
+        written,
+        list(plan.kept.values()),
+        plan,
+        config.output_dir,
+        backends,
+        time.monotonic() - started,
+        config.max_error_rate,
     )
     outputs.write_summary(config.output_dir, summary)
     storage.delete_folder(storage.join(config.output_dir, PLAN_FOLDER))

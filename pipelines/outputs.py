@@ -29,6 +29,7 @@ from imgembed.common.embedding_files import (
     markers_glob,
 )
 from imgembed.pipelines.model_staging import MODELS_FOLDER
+from imgembed.pipelines.plan import RunPlan
 from imgembed.pipelines.shards import PLAN_FOLDER, settings_of
 
 TEMPORARY_PREFIX = ".tmp-"
@@ -66,32 +67,15 @@ def read_marker(output_dir: str, key: str) -> dict | None:
     return storage.read_json(path) if storage.exists(path) else None
 
 
-@dataclasses.dataclass
-class OutputState:
-    """What an output folder already holds, against the shards a run plans."""
-
-    done: set[str]  # planned shards already complete
-    stale: list[str]  # files of this run's settings that it does not plan (inputs changed since)
-    foreign: list[str]  # markers of shards made with other settings (model, preprocessing...)
-
-
-def output_state(output_dir: str, model_names: list[str], planned: set[str], settings: str) -> OutputState:
-    """From listings alone: shard keys name their settings. Each folder is listed
-    once, whatever the number of shards."""
-    patterns = [markers_glob(output_dir), errors_glob(output_dir)]
-    patterns += [embeddings_glob(storage.join(output_dir, name)) for name in model_names]
-    markers, *data = [sorted(found) for found in storage.match_sizes(patterns)]
-    ours = [path for path in markers if settings_of(key_of(path)) == settings]
-    foreign = [path for path in markers if settings_of(key_of(path)) != settings]
-    done = {key_of(path) for path in ours} & planned
-    stale = [path for path in ours if key_of(path) not in planned]
-    stale += [
-        path
-        for paths in data
-        for path in paths
-        if settings_of(key_of(path)) == settings and key_of(path) not in planned
-    ]
-    return OutputState(done, stale, foreign)
+def delete_shards(output_dir: str, keys: list[str], model_names: list[str]) -> None:
+    """Every file of these shards; each marker last, so a shard is never half gone and
+    still claimed (a kill midway leaves files of no shard, which the next run deletes)."""
+    data = [embeddings_path(output_dir, name, key) for key in keys for name in model_names]
+    data += [errors_path(output_dir, key) for key in keys]
+    storage.delete([path for path in data if storage.exists(path)])
+    storage.delete(
+        [marker_path(output_dir, key) for key in keys if storage.exists(marker_path(output_dir, key))]
+    )
 
 
 def delete_leftover_temporaries(output_dir: str, model_names: list[str]) -> None:
@@ -130,6 +114,8 @@ def add_markers(markers) -> dict:
     total = {
         "shards": 0,
         "inputs": 0,
+        "reused": 0,  # inputs whose answer was copied from the shard a shard rewrote
+        "reused_input_errors": 0,
         "input_errors": 0,
         "images_decoded": 0,
         "errors_by_reason": Counter(),
@@ -137,13 +123,14 @@ def add_markers(markers) -> dict:
         "rows": Counter(),
         "inference_errors": Counter(),
         "model_seconds": Counter(),
+        "reused_rows": Counter(),
     }
     for marker in markers:
         total["shards"] += marker.get("shards", 1)
-        for name in ("inputs", "input_errors", "images_decoded"):
-            total[name] += marker[name]
-        for name in ("errors_by_reason", "rows", "inference_errors", "model_seconds"):
-            total[name].update(marker[name])
+        for name in ("inputs", "reused", "reused_input_errors", "input_errors", "images_decoded"):
+            total[name] += marker.get(name, 0)
+        for name in ("errors_by_reason", "rows", "inference_errors", "model_seconds", "reused_rows"):
+            total[name].update(marker.get(name, {}))
         for reason, uri in marker["error_examples"].items():
             known = total["error_examples"].get(reason)
             total["error_examples"][reason] = uri if known is None else min(known, uri)
@@ -154,64 +141,99 @@ def add_markers(markers) -> dict:
 class ModelSummary:
     model: str
     backend: str
-    rows: int
+    rows: int  # in the output, from every run
     inference_errors: int
-    model_seconds: float  # in model calls, summed over workers
+    embedded: int  # rows this run embedded (not copied from a shard it rewrote)
+    model_seconds: float  # this run's, in model calls, summed over workers
     embeddings: str
 
     @property
     def ms_per_image(self) -> float | None:
-        return 1000 * self.model_seconds / self.rows if self.rows else None
+        return 1000 * self.model_seconds / self.embedded if self.embedded else None
+
+
+@dataclasses.dataclass
+class RunWork:
+    """What this run did, apart from what earlier runs had committed."""
+
+    shards_written: int
+    shards_rewritten: int  # of those, replacing a shard some of whose inputs changed
+    shards_kept: int  # committed before, inputs unchanged: untouched
+    shards_retracted: int  # every input deleted: their rows removed
+    inputs_read: int  # read and decoded or failed now
+    rows_reused: int  # inputs of rewritten shards whose rows were copied, not embedded again
+    new_inputs: int
+    changed_inputs: int
+    deleted_inputs: int
+    input_errors: int  # of the inputs read now
+    seconds: float
 
 
 @dataclasses.dataclass
 class RunSummary:
-    """What the output holds for a run's shards; ``balanced`` proves nothing was lost:
-    in every shard, for every model, inputs = rows + read/decode errors + inference errors."""
+    """The output (every committed shard, of this run or before) and this run's work;
+    ``balanced`` proves nothing was lost: in every shard, for every model,
+    inputs = rows + read/decode errors + inference errors."""
 
     inputs: int
-    images_decoded: int
+    images_decoded: int  # this run
     input_errors: int
     errors_by_reason: dict[str, int]
     error_examples: dict[str, str]
     models: list[ModelSummary]
     shards: int
-    shards_done_before: int
-    seconds: float
+    run: RunWork
     errors: str
     max_error_rate: float  # the share of failed inputs above which the run failed
 
     @classmethod
     def from_markers(
         cls,
-        total: dict,
+        written: dict,
+        kept: list[dict],
+        plan: RunPlan,
         output_dir: str,
         backends: dict[str, str],
-        done_before: int,
         seconds: float,
         max_error_rate: float,
     ) -> RunSummary:
+        """``written``: the sum of the markers this run wrote (the job's totals);
+        ``kept``: the markers of the committed shards it left alone."""
+        total = add_markers([written, *kept])
         models = [
             ModelSummary(
                 name,
                 backend,
                 total["rows"].get(name, 0),
                 total["inference_errors"].get(name, 0),
-                round(total["model_seconds"].get(name, 0.0), 3),
+                written["rows"].get(name, 0) - written["reused_rows"].get(name, 0),
+                round(written["model_seconds"].get(name, 0.0), 3),
                 embeddings_glob(storage.join(output_dir, name)),
             )
             for name, backend in backends.items()
         ]
+        run = RunWork(
+            shards_written=written["shards"],
+            shards_rewritten=plan.rewritten,
+            shards_kept=len(plan.kept),
+            shards_retracted=len(plan.retracted),
+            inputs_read=written["inputs"] - written["reused"],
+            rows_reused=written["reused"],
+            new_inputs=plan.changes.new,
+            changed_inputs=plan.changes.changed,
+            deleted_inputs=plan.changes.deleted,
+            input_errors=written["input_errors"] - written["reused_input_errors"],
+            seconds=round(seconds, 3),
+        )
         return cls(
             inputs=total["inputs"],
-            images_decoded=total["images_decoded"],
+            images_decoded=written["images_decoded"],
             input_errors=total["input_errors"],
             errors_by_reason=total["errors_by_reason"],
             error_examples=total["error_examples"],
             models=models,
             shards=total["shards"],
-            shards_done_before=done_before,
-            seconds=round(seconds, 3),
+            run=run,
             errors=errors_glob(output_dir),
             max_error_rate=max_error_rate,
         )
@@ -244,19 +266,27 @@ class RunSummary:
         return json.dumps(fields, indent=2, sort_keys=True)
 
     def report(self) -> str:
+        run = self.run
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.errors_by_reason.items()))
-        resumed = f" ({self.shards_done_before} were complete already)" if self.shards_done_before else ""
         lines = [
-            f"Read {self.inputs} inputs in {self.shards} shards{resumed} in {self.seconds:.1f} s; "
-            f"{self.input_errors} could not be decoded"
+            f"Read {run.inputs_read} inputs in {run.shards_written} shards in {run.seconds:.1f} s; "
+            f"{run.input_errors} could not be decoded"
         ]
+        if run.shards_kept or run.shards_rewritten or run.shards_retracted:
+            lines.append(
+                f"  since the last run: {run.new_inputs} new, {run.changed_inputs} changed, "
+                f"{run.deleted_inputs} deleted inputs; {run.shards_kept} shards unchanged, "
+                f"{run.shards_rewritten} rewritten ({run.rows_reused} inputs' rows reused), "
+                f"{run.shards_retracted} retracted"
+            )
         for model in self.models:
-            speed = f"{model.rows / max(self.seconds, 1e-9):.1f} images/s end to end"
+            speed = f"{model.embedded / max(run.seconds, 1e-9):.1f} images/s end to end"
             if model.ms_per_image:
                 speed += f", {model.ms_per_image:.1f} ms of model time per image"
             lines += [
-                f"Embedded {model.rows} images with {model.model} on {model.backend} ({speed})",
-                f"  inputs {self.inputs} = embedded {model.rows} + errors {self.input_errors + model.inference_errors}",
+                f"Embedded {model.embedded} images with {model.model} on {model.backend} ({speed})",
+                f"  inputs {self.inputs} = embedded {model.rows} + errors {self.input_errors + model.inference_errors}"
+                f" in {self.shards} shards",
                 f"  embeddings: {model.embeddings}",
             ]
         lines.append(

@@ -15,15 +15,28 @@ not written unless rows and errors account for exactly the inputs it planned.
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from imgembed.common.embedding_files import STAGE_DECODE, STAGE_INFERENCE, STAGE_READ, embedding_schema
+from imgembed.common import storage
+from imgembed.common.embedding_files import (
+    STAGE_DECODE,
+    STAGE_INFERENCE,
+    STAGE_READ,
+    embedding_schema,
+    embeddings_path,
+    errors_path,
+)
 from imgembed.models import labels
 from imgembed.models.registry import Flavour
 from imgembed.pipelines import outputs
@@ -137,12 +150,12 @@ class EmbedShard(beam.DoFn):
     def _embed(self, key: str, shard: InputShard) -> dict:
         job = self._job
         rows = {model.spec.name: Rows(job.schema(model)) for model in job.models}
-        errors: list[dict] = []
+        reused, errors = self._reused(shard)
         seconds = dict.fromkeys(rows, 0.0)
         batch: list[tuple[ImageKey, dict[int, np.ndarray]]] = []
-        uris = []
+        uris = sorted(shard.reused)
         decoded = 0
-        for record in read_shard(shard, job.read, self._reader):
+        for record in read_shard(shard.without(shard.reused), job.read, self._reader):
             uris.append(record.uri)
             if isinstance(record.data, ImageError):
                 errors.append(self._error(record.uri, STAGE_READ, record.data.reason, record.data.message))
@@ -159,13 +172,42 @@ class EmbedShard(beam.DoFn):
                 batch = []
         if batch:
             self._embed_batch(batch, rows, errors, seconds)
-        self._inputs.inc(len(uris))
+        self._inputs.inc(len(uris) - len(shard.reused))
         self._decoded.inc(decoded)
         tables = {name: model_rows.table() for name, model_rows in rows.items()}
+        if shard.reused:  # in the order a shard made at once would have: by URI
+            tables = {
+                name: _by_uri(pa.concat_tables([reused[name], table])) for name, table in tables.items()
+            }
         errors.sort(key=lambda row: (row["uri"], row["stage"], row["model"] or ""))
         marker = self._marker(key, shard, uris, tables, errors, seconds, decoded)
+        marker |= _reuse_counts(shard, reused, errors)
         outputs.write_shard(job.output_dir, key, tables, errors_table(errors), marker)
+        if shard.rewrites:  # committed: the shard it replaces goes
+            outputs.delete_shards(job.output_dir, [shard.rewrites], list(rows))
         return marker
+
+    def _reused(self, shard: InputShard) -> tuple[dict[str, pa.Table], list[dict]]:
+        """The rows and error rows of the inputs a rewritten shard copies from the
+        shard it replaces, unchanged: (each model's rows, error rows)."""
+        if not shard.reused:
+            return {}, []
+        wanted = pa.array(sorted(shard.reused))
+        job = self._job
+
+        def rows_of(path: str) -> pa.Table:
+            with storage.open_file(path) as file:
+                table = pq.read_table(file)
+            return table.filter(pc.is_in(table.column("uri"), value_set=wanted))
+
+        tables = {
+            model.spec.name: rows_of(embeddings_path(job.output_dir, model.spec.name, shard.rewrites)).cast(
+                job.schema(model)
+            )
+            for model in job.models
+        }
+        errors = rows_of(errors_path(job.output_dir, shard.rewrites)).to_pylist()
+        return tables, errors
 
     def _error(self, uri: str, stage: str, reason: str, message: str, model: str | None = None) -> dict:
         Metrics.counter(METRICS_NAMESPACE, f"errors_{reason}").inc()
@@ -250,6 +292,8 @@ class EmbedShard(beam.DoFn):
         return {
             "key": key,
             "settings_key": self._job.settings_key,
+            "shard": shard.inputs(),
+            "worker": {"host": socket.gethostname(), "pid": os.getpid()},
             "models": sorted(tables),
             "inputs": len(uris),
             "images_decoded": decoded,
@@ -263,3 +307,22 @@ class EmbedShard(beam.DoFn):
             },
             "model_seconds": {name: round(value, 4) for name, value in seconds.items()},
         }
+
+
+def _by_uri(table: pa.Table) -> pa.Table:
+    return table.take(pc.sort_indices(table, [("uri", "ascending")]))
+
+
+def _reuse_counts(shard: InputShard, reused: dict[str, pa.Table], errors: list[dict]) -> dict:
+    """What a rewritten shard copied instead of embedding, for the run's summary."""
+    if not shard.rewrites:
+        return {}
+    copied = set(shard.reused)
+    return {
+        "replaces": [shard.rewrites],
+        "reused": len(copied),
+        "reused_rows": {name: table.num_rows for name, table in reused.items()},
+        "reused_input_errors": sum(
+            1 for row in errors if row["uri"] in copied and row["stage"] != STAGE_INFERENCE
+        ),
+    }

@@ -1,18 +1,24 @@
 """Input shards: the unit of work, of output and of resumption.
 
-An input shard is either a group of image files (``--files-per-shard`` of the
-sorted matched files) or one container file: a TFRecord of ``tf.train.Example``
+An input shard is either a group of image files (at most ``--files-per-shard``,
+in sorted order) or one container file: a TFRecord of ``tf.train.Example``
 (``image/encoded``), a WebDataset tar, or a Parquet file with an image-bytes
 column (the formats img2dataset writes). One worker takes a shard from its
 inputs to its Parquet files and, last, its marker, without waiting for any other
 shard. Output files are named by a key made of the run's settings and the
-shard's content (its inputs and their sizes), so a rerun recognises finished
-shards and only does the rest.
+shard's content (each input's path, size and time of last change), so the same
+inputs always give the same key.
 
+Which shards a run writes is decided in pipelines/plan.py, against the shards
+already committed; this module lists the inputs and cuts new ones into shards.
 The launcher writes the plan, one JSON line per shard, beside the outputs; the
 job reads it there, so the job's graph is the same size for 10 inputs or 10^7.
 
->>> plan = plan_shards(["photos/*.jpg"], InputFormat.AUTO, files_per_shard=1000)
+Every path is canonical (see ``storage.canonical``): a file has one spelling,
+whatever the pattern that matched it, so its image id never depends on how a
+path was typed.
+
+>>> shards = plan_shards(["photos/*.jpg"], InputFormat.AUTO, files_per_shard=1000)
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ SIDECAR_SUFFIXES = (".json", ".txt")
 # img2dataset's own bookkeeping: never an input.
 STATS_SUFFIX = "_stats.json"
 PLAN_FOLDER = "_plan"
+FILES = "files"
 
 
 class InputFormat(Choice):
@@ -56,34 +63,105 @@ class InputError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class InputFile:
+    """One input as the listing saw it. ``stamp`` changes whenever the file or one of
+    its sidecars does: their sizes and times of last change, as the filesystem's
+    match reports them (an object store's update time changes with each new
+    generation of the object)."""
+
+    path: str
+    kind: str  # FILES (an image) or a container format
+    size: int
+    stamp: str
+    sidecars: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class InputShard:
     """``kind`` is "files" (``paths`` are images) or a container format (one path).
-    ``sidecars`` holds, per path, the metadata files found beside it."""
+    ``sidecars`` holds, per path, the metadata files found beside it; ``stamps``, per
+    path, its InputFile stamp.
+
+    A shard that replaces a committed one (some of whose inputs were deleted or
+    changed) names it in ``rewrites``; the rows of its ``reused`` paths, unchanged,
+    are copied from that shard's files instead of being embedded again."""
 
     kind: str
     paths: tuple[str, ...]
     sizes: tuple[int, ...]
+    stamps: tuple[str, ...] = ()
     sidecars: tuple[tuple[str, ...], ...] = ()
+    rewrites: str | None = None
+    reused: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, kind: str, files: list[InputFile], rewrites: str | None = None, reused=()) -> InputShard:
+        sidecars = tuple(file.sidecars for file in files)
+        return cls(
+            kind,
+            tuple(file.path for file in files),
+            tuple(file.size for file in files),
+            tuple(file.stamp for file in files),
+            sidecars if any(sidecars) else (),
+            rewrites,
+            tuple(reused),
+        )
 
     def content_key(self) -> str:
+        """A hash of the inputs alone: how the shard is made (reused or not) changes
+        nothing in its outputs."""
         digest = hashlib.sha256(self.kind.encode())
-        for path, size in zip(self.paths, self.sizes, strict=True):
-            digest.update(f"\0{path}\0{size}".encode())
+        stamps = self.stamps or ("",) * len(self.paths)
+        for path, size, stamp in zip(self.paths, self.sizes, stamps, strict=True):
+            digest.update(f"\0{path}\0{size}\0{stamp}".encode())
         for names in self.sidecars:
             digest.update(("\0" + "\0".join(names)).encode())
         return digest.hexdigest()
 
-    def to_json(self, key: str) -> str:
-        fields = {"key": key, "kind": self.kind, "paths": self.paths, "sizes": self.sizes}
+    def inputs(self) -> dict:
+        """What the shard was made of, as its marker records it."""
+        fields = {"kind": self.kind, "paths": self.paths, "sizes": self.sizes, "stamps": self.stamps}
         if any(self.sidecars):
             fields["sidecars"] = self.sidecars
+        return fields
+
+    def without(self, paths) -> InputShard:
+        """The shard with these paths left out (those a rewritten shard reuses)."""
+        if not paths:
+            return self
+        left_out = set(paths)
+        return InputShard.of(self.kind, [file for file in self.files() if file.path not in left_out])
+
+    def files(self) -> list[InputFile]:
+        sidecars = self.sidecars or ((),) * len(self.paths)
+        stamps = self.stamps or ("",) * len(self.paths)
+        return [
+            InputFile(path, self.kind, size, stamp, tuple(names))
+            for path, size, stamp, names in zip(self.paths, self.sizes, stamps, sidecars, strict=True)
+        ]
+
+    def to_json(self, key: str) -> str:
+        fields = {"key": key, **self.inputs()}
+        if self.rewrites:
+            fields |= {"rewrites": self.rewrites, "reused": self.reused}
         return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, line: str) -> tuple[str, InputShard]:
         fields = json.loads(line)
-        sidecars = tuple(tuple(names) for names in fields.get("sidecars", ()))
-        return fields["key"], cls(fields["kind"], tuple(fields["paths"]), tuple(fields["sizes"]), sidecars)
+        return fields.pop("key"), cls.from_inputs(fields)
+
+    @classmethod
+    def from_inputs(cls, fields: dict) -> InputShard:
+        return cls(
+            fields["kind"],
+            tuple(fields["paths"]),
+            tuple(fields["sizes"]),
+            tuple(fields.get("stamps", ())),
+            tuple(tuple(names) for names in fields.get("sidecars", ())),
+            fields.get("rewrites"),
+            tuple(fields.get("reused", ())),
+        )
 
 
 def settings_key(settings: dict) -> str:
@@ -102,15 +180,17 @@ def settings_of(key: str) -> str:
 
 
 def expand_patterns(patterns: list[str]) -> list[str]:
-    """Turns folders into recursive globs and refuses patterns that match nothing."""
+    """Canonical patterns, folders turned into recursive globs; refuses patterns that
+    match nothing."""
+    canonical = [storage.canonical_pattern(pattern) for pattern in patterns]
     expanded = [
         storage.join(pattern.rstrip("/"), "**")
         if not any(char in pattern for char in "*?[") and _is_folder(pattern)
         else pattern
-        for pattern in patterns
+        for pattern in canonical
     ]
     try:
-        found = storage.match_sizes(expanded)
+        found = storage.match_stats(expanded)
     except Exception as error:  # each filesystem raises its own kind of error
         raise InputError(f"cannot list {', '.join(patterns)}: {error}") from error
     for pattern, files in zip(expanded, found, strict=True):
@@ -127,29 +207,22 @@ def _is_folder(path: str) -> bool:
     return path.endswith("/") or not storage.exists(path)
 
 
-def list_inputs(patterns: list[str]) -> dict[str, int]:
-    """Every file the patterns match (each once), with its size; folders excluded.
-    Patterns are listed at the same time."""
-    found: dict[str, int] = {}
-    for files in storage.match_sizes(patterns):
-        for path, size in files.items():
-            if not (storage.is_local(path) and os.path.isdir(path)):
-                found[path] = size
-    return found
-
-
 def kind_of(path: str, input_format: InputFormat) -> str:
     if input_format is InputFormat.AUTO:
-        return CONTAINER_SUFFIXES.get(os.path.splitext(path)[1].lower(), "files")
+        return CONTAINER_SUFFIXES.get(os.path.splitext(path)[1].lower(), FILES)
     return input_format.value
 
 
-def plan_shards(patterns: list[str], input_format: InputFormat, files_per_shard: int) -> list[InputShard]:
-    """Deterministic shards of everything the patterns match: the same inputs give
-    the same shards on every run. img2dataset's side files are not inputs: its
-    ``_stats.json``, the metadata Parquet beside each tar, and the ``.json`` and
-    ``.txt`` beside each image, which become that image's metadata."""
-    files = list_inputs(expand_patterns(patterns))
+def list_inputs(patterns: list[str], input_format: InputFormat) -> dict[str, InputFile]:
+    """Every input the patterns match, once each, by canonical path. img2dataset's
+    side files are not inputs: its ``_stats.json``, the metadata Parquet beside each
+    tar, and the ``.json`` and ``.txt`` beside each image, which become that image's
+    metadata (and part of its stamp)."""
+    files: dict[str, storage.FileStat] = {}
+    for found in storage.match_stats(expand_patterns(patterns)):
+        for path, stat in found.items():
+            if not (storage.is_local(path) and os.path.isdir(path)):
+                files[storage.canonical(path)] = stat
     stems = {
         os.path.splitext(path)[0]: path
         for path in files
@@ -167,19 +240,31 @@ def plan_shards(patterns: list[str], input_format: InputFormat, files_per_shard:
         if suffix.lower() == ".parquet" and f"{stem}.tar" in files and input_format is InputFormat.AUTO:
             continue  # img2dataset's per-shard metadata: the tar holds the images
         inputs.append(path)
-    shards = [
-        InputShard(kind_of(path, input_format), (path,), (files[path],))
-        for path in inputs
-        if kind_of(path, input_format) != "files"
-    ]
-    images = [path for path in inputs if kind_of(path, input_format) == "files"]
+    listed = {}
+    for path in inputs:
+        beside = tuple(sidecars.get(path, ()))
+        stamp = "+".join(files[name].stamp() for name in (path, *beside))
+        listed[path] = InputFile(path, kind_of(path, input_format), files[path].size, stamp, beside)
+    return listed
+
+
+def cut_into_shards(files: list[InputFile], files_per_shard: int) -> list[InputShard]:
+    """New shards of these inputs: a container each, images ``files_per_shard`` at a
+    time in sorted order. The same inputs always give the same shards."""
+    shards = [InputShard.of(file.kind, [file]) for file in sorted(files, key=_path) if file.kind != FILES]
+    images = sorted((file for file in files if file.kind == FILES), key=_path)
     for start in range(0, len(images), files_per_shard):
-        chunk = tuple(images[start : start + files_per_shard])
-        found = tuple(tuple(sidecars.get(path, ())) for path in chunk)
-        shards.append(
-            InputShard("files", chunk, tuple(files[path] for path in chunk), found if any(found) else ())
-        )
+        shards.append(InputShard.of(FILES, images[start : start + files_per_shard]))
     return shards
+
+
+def _path(file: InputFile) -> str:
+    return file.path
+
+
+def plan_shards(patterns: list[str], input_format: InputFormat, files_per_shard: int) -> list[InputShard]:
+    """The shards of a first run: everything the patterns match, cut into new shards."""
+    return cut_into_shards(list(list_inputs(patterns, input_format).values()), files_per_shard)
 
 
 def plan_path(output_dir: str, settings: str) -> str:

@@ -26,7 +26,6 @@ import numpy as np
 from imgembed.index import store
 from imgembed.index.faiss_index import is_ivf
 from imgembed.index.items import SOURCE_FIELD
-from imgembed.index.reader import EmbeddingFile, RowReader
 from imgembed.index.vectors import IndexInputError, Metric, prepare
 from imgembed.models.errors import ModelLoadError
 from imgembed.models.loading import load_model
@@ -165,10 +164,6 @@ class Searcher:
             # id -> list and offset, 8 bytes a vector in each worker: what reconstruct()
             # needs. A re-ranked index reconstructs from its raw vectors instead.
             faiss.extract_index_ivf(loaded.index).make_direct_map()
-        # Thumbnails stay in the embeddings files, read a row group at a time.
-        self._rows = RowReader(
-            [EmbeddingFile(**file) for part in manifest["parts"] for file in part["files"]]
-        )
 
     @classmethod
     def open(
@@ -202,7 +197,7 @@ class Searcher:
         return item | {"faiss_id": row, "cluster_id": cluster, "cluster_size": size}
 
     def thumbnail(self, image_id: str) -> bytes | None:
-        return self._rows.row(self._row(image_id), ("thumbnail",)).get("thumbnail")
+        return self.items.thumbnail(self._row(image_id))
 
     def neighbours(
         self, image_id: str, k: int, collapse: bool = False, filters: dict | None = None

@@ -146,12 +146,12 @@ def test_rerun_resumes_and_other_settings_need_overwrite(photo_dir, tiny_model_d
         "--files-per-shard=2",
     ]
     first = embed.run(args + IN_PROCESS)
-    assert (first.shards, first.shards_done_before, first.models[0].rows) == (3, 0, 6)
+    assert (first.shards, first.run.shards_kept, first.models[0].rows) == (3, 0, 6)
     written = {path: os.path.getmtime(path) for path in glob.glob(f"{tmp_path}/**/*.parquet", recursive=True)}
 
     # --batch-size changes no output: every shard is found complete and left alone.
     again = embed.run(args + ["--batch-size=5"] + IN_PROCESS)
-    assert (again.shards_done_before, again.models[0].rows, again.inputs) == (3, 6, 6)
+    assert (again.run.shards_kept, again.run.shards_written, again.models[0].rows, again.inputs) == (3, 0, 6, 6)
     assert {path: os.path.getmtime(path) for path in written} == written
 
     with pytest.raises(ValueError, match="--overwrite"):
@@ -174,7 +174,8 @@ def test_changed_inputs_replace_their_shards_without_duplicates(photo_dir, tiny_
     summary = embed.run(args + IN_PROCESS)
     ids = embeddings(tmp_path, "tiny_mobilenet_64")["id"].to_pylist()
     assert summary.inputs == summary.models[0].rows == len(ids) == len(set(ids)) == 7
-    assert summary.shards_done_before == 1  # the first four files kept their shard
+    # The new file makes a shard of its own: both shards of before are kept as they are.
+    assert (summary.run.shards_kept, summary.run.shards_written, summary.models[0].embedded) == (2, 1, 1)
 
 
 def test_folders_are_read_recursively_and_overlapping_patterns_read_once(photo_dir, tiny_model_dir, tmp_path):

@@ -17,11 +17,12 @@ from imgembed.common import progress
 from imgembed.common.units import parse_size
 from imgembed.index import command, faiss_index, store
 from imgembed.index.beam_build import add_with_beam
-from imgembed.index.build import IndexConfig, add_locally, add_to_index, build, plan_for, train
+from imgembed.index.build import IndexConfig, add_locally, build, plan_for, train
 from imgembed.index.choose import choose_index
 from imgembed.index.evaluate import QuerySet, recall
 from imgembed.index.faiss_index import add_vectors, apportion, train_index, training_steps
 from imgembed.index.reader import EmbeddingSource
+from imgembed.index.update import add_to_index
 from imgembed.index.vectors import IndexInputError, Metric, prepare
 from imgembed.pipelines import embed
 from tests.conftest import live
@@ -233,7 +234,7 @@ def test_incremental_add_keeps_training_and_flags_drift(tmp_path):
     assert drifted["added"] == 10_000
     assert drifted["retrain_advised"], drifted["why"]
     assert "rebuild" in drifted["why"]
-    assert len(read_json(live(index_dir) / store.REPORT_FILE)["additions"]) == 2  # the no-op add is not one
+    assert len(read_json(live(index_dir) / store.REPORT_FILE)["updates"]) == 2  # the no-op add is not one
 
 
 def test_adding_rows_already_indexed_is_refused(tmp_path):

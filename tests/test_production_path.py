@@ -158,7 +158,7 @@ def test_a_fault_that_does_not_pass_fails_the_run_and_the_rerun_finishes_once_it
 
     monkeypatch.setattr(DeniedFileSystem, "denying", False)  # the permissions are fixed
     summary = embed.run(argv)
-    assert (summary.shards, summary.shards_done_before, summary.models[0].rows) == (4, len(done), 7)
+    assert (summary.shards, summary.run.shards_kept, summary.models[0].rows) == (4, len(done), 7)
     assert summary.balanced
 
 

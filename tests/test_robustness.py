@@ -238,7 +238,7 @@ def test_a_job_killed_at_60_percent_keeps_its_finished_shards_and_the_rerun_does
     rerun = subprocess.run(command + [f"--output={output}"], capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads((output / "run_summary.json").read_text())
-    assert (summary["shards"], summary["shards_done_before"]) == (60, len(committed))
+    assert (summary["shards"], summary["run"]["shards_kept"]) == (60, len(committed))
     assert {path: markers_in(output)[path] for path in committed} == committed  # done shards untouched
     table = pa.concat_tables(
         pq.read_table(p) for p in glob.glob(embeddings_glob(os.path.join(output, EMBEDDED_MODEL_NAME)))

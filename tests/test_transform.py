@@ -181,8 +181,9 @@ def test_pca_report_on_the_imagenet_subset(imagenet_dir, tmp_path):
 
 @pytest.mark.parametrize("options", [TransformOptions(dims=16), TransformOptions()], ids=["dims16", "center"])
 def test_add_through_the_transform_recalls_the_new_rows_as_a_rebuild_does(tmp_path, options):
-    from imgembed.index.build import IndexConfig, _query_sets, add_to_index, build
+    from imgembed.index.build import IndexConfig, build, held_out_queries
     from imgembed.index.evaluate import recall
+    from imgembed.index.update import add_to_index
 
     write_synthetic_embeddings(str(tmp_path / "all"), count=8000, dim=48, files=4, seed=3)
     first = tmp_path / "first"
@@ -204,7 +205,7 @@ def test_add_through_the_transform_recalls_the_new_rows_as_a_rebuild_does(tmp_pa
     # The same queries among the new rows (ids 6000 on), in the rebuilt index's space.
     transformed = EmbeddingSource(str(tmp_path / "all")).with_transform(rebuilt.transform())
     new_rows = EmbeddingSource(str(later), first_id=6000).with_transform(rebuilt.transform())
-    _, queries, _ = _query_sets(transformed, config, among=new_rows)
+    _, queries, _ = held_out_queries(transformed, config, among=new_rows)
     rebuilt_recall = recall(rebuilt.index, queries, 10)
     assert report["recall@10_on_new_rows"] >= rebuilt_recall - 0.02, (report, rebuilt_recall)
     assert report["recall@10_on_new_rows"] > 0.9

@@ -9,8 +9,10 @@ Layout under ``--output DIR`` (KEY names an input shard under the run's settings
     DIR/_shards/KEY.json                      written last: the shard is complete, and its counts
     DIR/run_summary.json                      the sum over the run's shards
 
-``id`` is derived from the input's URI, so it is the same on every run and joins
-embeddings, errors and index results:
+``id`` is derived from the input's canonical URI (``storage.canonical``: the
+absolute local path with links resolved, or the object-store URI as listed, then
+``#record`` for a record of a container), so it is the same on every run however
+the input pattern was typed, and joins embeddings, errors and index results:
 
 >>> image_id("gs://bucket/cat.jpg")
 '9f4d3b6a...'
@@ -27,6 +29,9 @@ from imgembed.common.storage import join
 
 PARQUET_SUFFIX = ".parquet"
 SUMMARY_FILE = "run_summary.json"
+# How ids are made: a 128-bit BLAKE2b of the canonical URI (part of a run's settings,
+# so outputs of imgembed before 0.2, which hashed the URI as typed, are not mixed in).
+ID_SCHEME = "blake2b-128(canonical uri)"
 MARKERS = "_shards"
 EMBEDDING_COLUMN = "embedding"
 # Parquet key-value metadata key holding the model, preprocessing and backend as JSON.

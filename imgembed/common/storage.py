@@ -20,6 +20,7 @@ import threading
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 # Object stores answer one request at a time per connection, tens of ms each:
 # many small reads go this many at once.
@@ -49,6 +50,36 @@ def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
+def canonical(path: str) -> str:
+    """The one spelling of a file, which its image id is derived from: on this
+    machine's disk, the absolute path with symbolic links, ``..`` and ``file://``
+    resolved away (``photos/a.jpg``, ``./photos/a.jpg``, ``/home/me/photos/a.jpg``
+    and ``file:///home/me/photos/a.jpg`` are one file); elsewhere the URI as the
+    filesystem's match returns it.
+
+    >>> canonical("file://photos/../photos/cat.jpg")
+    '/home/me/photos/cat.jpg'
+    """
+    if not is_local(path):
+        return path
+    return os.path.realpath(os.path.expanduser(path.removeprefix("file://")))
+
+
+def canonical_pattern(pattern: str) -> str:
+    """A glob whose matches come back canonical: its folder part made canonical (the
+    matches below it are resolved one by one too: a link may sit below it)."""
+    if not is_local(pattern):
+        return pattern
+    pattern = os.path.expanduser(pattern.removeprefix("file://"))
+    first_glob = next((at for at, char in enumerate(pattern) if char in "*?["), None)
+    if first_glob is None:
+        return canonical(pattern) + ("/" if pattern.endswith("/") else "")
+    folder, _, rest = pattern[:first_glob].rpartition("/")
+    if not folder and pattern.startswith("/"):
+        folder = "/"
+    return os.path.join(canonical(folder or "."), rest + pattern[first_glob:])
+
+
 def join(base: str, *parts: str) -> str:
     """``base/part/...`` for local paths and URLs alike."""
     if is_local(base):
@@ -70,16 +101,35 @@ def list_files(pattern: str) -> list[str]:
     return sorted(metadata.path for metadata in result.metadata_list)
 
 
-def match_sizes(patterns: list[str]) -> list[dict[str, int]]:
-    """{path: size} for each pattern, the patterns listed at the same time."""
+class FileStat(NamedTuple):
+    """What a listing says of a file."""
+
+    size: int
+    last_updated: float  # seconds since the epoch; an object store's, a new one per generation
+
+    def stamp(self) -> str:
+        """The file's version as text: a changed size or time of last change is a new one."""
+        return f"{self.size}@{self.last_updated!r}"
+
+
+def match_stats(patterns: list[str]) -> list[dict[str, FileStat]]:
+    """{path: FileStat} for each pattern, the patterns listed at the same time."""
     filesystems = _filesystems()
 
-    def one(pattern: str) -> dict[str, int]:
+    def one(pattern: str) -> dict[str, FileStat]:
         (result,) = filesystems.match([pattern])
-        return {metadata.path: metadata.size_in_bytes for metadata in result.metadata_list}
+        return {
+            metadata.path: FileStat(metadata.size_in_bytes, float(metadata.last_updated_in_seconds or 0.0))
+            for metadata in result.metadata_list
+        }
 
     with ThreadPoolExecutor(min(PARALLEL_REQUESTS, max(1, len(patterns)))) as pool:
         return list(pool.map(one, patterns))
+
+
+def match_sizes(patterns: list[str]) -> list[dict[str, int]]:
+    """{path: size} for each pattern, the patterns listed at the same time."""
+    return [{path: stat.size for path, stat in found.items()} for found in match_stats(patterns)]
 
 
 def open_file(path: str):
