@@ -34,6 +34,7 @@ from imgembed.index.build import add_locally
 from imgembed.index.faiss_index import (
     add_vectors,
     can_have_on_disk_lists,
+    empty_copy,
     exact_assignment,
     is_ivf,
     merge_shard,
@@ -128,8 +129,7 @@ def add_with_beam(
     local_temp = None if temp_location else tempfile.mkdtemp(prefix="imgembed-index-")
     temp_dir = storage.join(temp_location or local_temp, f"imgembed-index-{uuid.uuid4().hex}")
     transform_dir = source.transform.directory if source.transform is not None else None
-    empty = faiss.clone_index(index)
-    empty.reset()  # keeps the training, drops any rows an incremental add starts from
+    empty = empty_copy(index)
     empty_path = storage.join(temp_dir, "trained-empty.faiss")
     storage.ensure_folder(temp_dir)
     _write_index(empty, empty_path)

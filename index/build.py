@@ -308,6 +308,9 @@ def build(
             "embedding_dimension": source.raw_dim,
             "dimension": source.dim,
             "metric": config.metric.value,
+            # --add and --sync keep these, as they keep the training.
+            "dedup_threshold": config.dedup_threshold,
+            "recall_target": config.recall_target,
             "transform": transform_info,
             "count": source.count,
             "index": {"kind": fitted.plan.kind, "factory": fitted.plan.factory}

@@ -13,8 +13,9 @@ its shard's inputs, so a file never changes under its name):
 
 Rows are numbered densely, as a build numbers them: kept files in their order,
 numbered down past the removed rows (``faiss_index.remove_rows``: faiss's
-``remove_ids``, then each list's ids renumbered in place; an HNSW graph, which
-cannot remove, is rebuilt from the kept vectors), then the new files. Items,
+``remove_ids``, then each list's ids renumbered in place; an HNSW graph or
+fast-scan PQ lists, which faiss cannot remove from, are refilled from the kept
+files' vectors, their training kept), then the new files. Items,
 thumbnails, filters and near-duplicate clusters are written anew for the version,
 which is published like a build's (index/store.py), so a running service swaps to
 it. Rows of a rewritten shard whose image did not change leave with the old file
@@ -53,6 +54,7 @@ from imgembed.index.build import (
 from imgembed.index.evaluate import recall
 from imgembed.index.faiss_index import (
     can_remove_rows,
+    empty_copy,
     exact_assignment,
     has_on_disk_lists,
     is_ivf,
@@ -135,7 +137,12 @@ def update_index(
     started = time.perf_counter()
     loaded = store.load(index_dir)
     manifest = loaded.manifest
-    config = dataclasses.replace(config, metric=loaded.metric)
+    config = dataclasses.replace(  # the index's own settings, as at its build
+        config,
+        metric=loaded.metric,
+        dedup_threshold=manifest.get("dedup_threshold", config.dedup_threshold),
+        recall_target=manifest.get("recall_target", config.recall_target),
+    )
     folders = [storage.canonical(folder.rstrip("/")) for folder in folders]
     update = _Update.of(manifest, folders, mirror)
     if not update.new and not update.removed:
@@ -201,8 +208,11 @@ def _updated(
 ):
     """The live index without the removed rows, numbered densely, with the rows of
     ``new`` added; and its file when it was written on the way (a re-ranked index,
-    whose raw vectors are carried over on disk)."""
+    whose raw vectors are carried over on disk). An index faiss cannot remove rows
+    from is refilled instead: its training kept, the kept rows added again from
+    their embeddings files."""
     removed = update.removed_rows()
+    refill = len(removed) > 0 and not can_remove_rows(loaded.index)
     concrete = faiss.downcast_index(loaded.index)
     if has_on_disk_lists(loaded.index):  # read-only: change a copy of its lists in the new version
         for name in (store.INDEX_FILE, store.ON_DISK_LISTS_FILE):
@@ -214,15 +224,20 @@ def _updated(
         _add(index, new, config, add)
         return index, None
     if isinstance(concrete, faiss.IndexRefine):  # mapped: grow a copy of its base
-        base = faiss.clone_index(concrete.base_index)
-        remove_rows(base, removed)
+        base = empty_copy(concrete.base_index) if refill else faiss.clone_index(concrete.base_index)
+        remove_rows(base, np.zeros(0, np.int64) if refill else removed)
         # A refine part that only counts: the raw vectors are in the refine file.
         placeholder = faiss.IndexFlat(base.d, base.metric_type)
         placeholder.ntotal = base.ntotal
         growing = faiss.IndexRefine(base, placeholder)
         refine = RefineVectors(growing, folder)
-        refine.append_from(store.path(loaded.directory, store.INDEX_FILE), loaded.count, update.kept_ranges())
-        growing.ntotal = refine.ntotal
+        if refill:
+            _add(growing, kept, config, add, refine)
+        else:
+            refine.append_from(
+                store.path(loaded.directory, store.INDEX_FILE), loaded.count, update.kept_ranges()
+            )
+            growing.ntotal = refine.ntotal
         _add(growing, new, config, add, refine)
         path = store.path(folder, store.INDEX_FILE)
         refine.write_index(base, concrete.k_factor, path)
@@ -231,8 +246,8 @@ def _updated(
         set_search_params(index, loaded.manifest["search_params"])
         return index, path
     index = loaded.index
-    if len(removed) and not can_remove_rows(index):  # an HNSW graph: built again from the kept rows
-        index = faiss.index_factory(index.d, loaded.manifest["index"]["factory"], index.metric_type)
+    if refill:
+        index = empty_copy(index)
         set_search_params(index, loaded.manifest["search_params"])
         _add(index, kept, config, add)
     else:

@@ -365,7 +365,7 @@ def _plan_run(config: EmbedConfig, key: str, dry_run: bool) -> RunPlan:
         outputs.delete_everything(config.output_dir, state.foreign, names)
         return plan
     outputs.delete_shards(config.output_dir, plan.superseded + plan.retracted, names)
-    orphans = state.orphans(plan)
+    orphans = state.orphans()
     if orphans:
         _log.info("removing %d files of shards a killed run did not commit", len(orphans))
         storage.delete(orphans)

@@ -103,11 +103,12 @@ class OutputState:
     foreign: list[str]  # markers of shards made with other settings (model, preprocessing...)
     files_by_key: dict[str, list[str]]  # this run's settings' embeddings and errors files
 
-    def orphans(self, plan: RunPlan) -> list[str]:
+    def orphans(self) -> list[str]:
         """Files of no committed shard (a killed run wrote them, not their marker):
         a planned shard of the same key writes them again."""
-        live = self.committed.keys() - set(plan.superseded)
-        return [path for key, paths in self.files_by_key.items() if key not in live for path in paths]
+        return [
+            path for key, paths in self.files_by_key.items() if key not in self.committed for path in paths
+        ]
 
 
 def output_state(output_dir: str, model_names: list[str], settings: str) -> OutputState:

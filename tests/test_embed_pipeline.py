@@ -151,7 +151,12 @@ def test_rerun_resumes_and_other_settings_need_overwrite(photo_dir, tiny_model_d
 
     # --batch-size changes no output: every shard is found complete and left alone.
     again = embed.run(args + ["--batch-size=5"] + IN_PROCESS)
-    assert (again.run.shards_kept, again.run.shards_written, again.models[0].rows, again.inputs) == (3, 0, 6, 6)
+    assert (again.run.shards_kept, again.run.shards_written, again.models[0].rows, again.inputs) == (
+        3,
+        0,
+        6,
+        6,
+    )
     assert {path: os.path.getmtime(path) for path in written} == written
 
     with pytest.raises(ValueError, match="--overwrite"):

@@ -512,3 +512,40 @@ def test_a_kind_that_misses_the_target_gives_way_to_the_next_and_the_report_says
     assert command.main(argv + ["--no-near-duplicates", "--overwrite", "--index-type", "IVF64,PQ8"]) == 1
     report = json.loads((live(tmp_path / "index") / "report.json").read_text())
     assert not report["meets_target"] and report["recall"]["recall@10"] < 0.95
+
+
+@pytest.mark.parametrize(
+    "factory", ["Flat", "IVF16,Flat", "IVF16,SQ8", "IVF16_HNSW32,SQ8", "IVF16,SQ8,RFlat"]
+)
+def test_removed_rows_leave_the_others_numbered_as_if_never_added(factory):
+    vectors = prepare(StructuredVectors(32, seed=5).chunk(0, 3000), Metric.COSINE, "test")
+    index = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    add_vectors(index, vectors[:2500], 0)
+    assert faiss_index.can_remove_rows(index)
+    removed = np.sort(np.concatenate([np.arange(100, 400), np.arange(2000, 2010)]))
+    faiss_index.remove_rows(index, removed)
+    searched = faiss.downcast_index(index)
+    searched = (
+        faiss.downcast_index(searched.base_index) if isinstance(searched, faiss.IndexRefine) else searched
+    )
+    kept = np.setdiff1d(np.arange(2500), removed)
+    add_vectors(searched, vectors[2500:], len(kept))  # the next ids, as an update adds them
+    faiss_index.set_search_params(searched, {"nprobe": 16} if faiss_index.is_ivf(searched) else {})
+    _, found = searched.search(np.concatenate([vectors[kept], vectors[2500:]]), 1)
+    assert searched.ntotal == len(kept) + 500
+    assert np.mean(found[:, 0] == np.arange(len(kept) + 500)) > 0.99
+
+
+def test_fast_scan_lists_are_refilled_not_removed_from_as_faiss_corrupts_them():
+    """If this fails, faiss fixed removal from fast-scan lists: let can_remove_rows allow it."""
+    vectors = prepare(StructuredVectors(64, seed=5).chunk(0, 6500), Metric.COSINE, "test")
+    index = faiss.index_factory(64, "IVF32,PQ16x4fs", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add_with_ids(vectors[:6000], np.arange(6000))
+    assert not faiss_index.can_remove_rows(index)
+    index.remove_ids(faiss.IDSelectorRange(1000, 2000))
+    index.add_with_ids(vectors[6000:], np.arange(6000, 6500))
+    index.nprobe = 32
+    _, found = index.search(vectors[6000:], 1)
+    assert np.mean(found[:, 0] == np.arange(6000, 6500)) < 0.9

@@ -6,8 +6,13 @@ request, and schemathesis finds nothing against the OpenAPI document."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import pathlib
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -41,9 +46,13 @@ KINDS = {
 DISTRIBUTED = {"distributed": "IVF32,Flat", "distributed_pq_rflat": "IVF32,PQ16x4fs,RFlat"}
 
 
+def uris_of(row: int) -> str:
+    return f"synthetic://shard{row // 1000}/{row:06d}.jpg"
+
+
 def catalogue_rows(start: int, count: int) -> tuple[np.ndarray, list[str], list[dict]]:
     vectors = StructuredVectors(DIM, seed=4).chunk(start, count)
-    uris = [f"synthetic://shard{row // 1000}/{row:06d}.jpg" for row in range(start, start + count)]
+    uris = [uris_of(row) for row in range(start, start + count)]
     metadata = [
         {
             "key": f"{row:06d}",
@@ -232,11 +241,120 @@ def test_an_add_under_load_swaps_versions_without_a_failed_request(catalogue, tm
     assert len(new_neighbours.json()["results"]) == 5
 
 
+WRK_BY_ID = """
+local ids = {}
+for line in io.lines("%s") do ids[#ids + 1] = line end
+request = function()
+  return wrk.format("GET", "/v1/neighbors/" .. ids[math.random(#ids)] .. "?k=10")
+end
+"""
+
+
+@contextlib.contextmanager
+def wrk_load(url: str, ids: list[str], folder):
+    """32 connections of wrk asking the neighbours of these ids until the block ends;
+    yields a dict that then holds wrk's counts of requests and failures."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        require_tool(pathlib.Path("/usr/bin/wrk"), "wrk")
+    (folder / "ids.txt").write_text("\n".join(ids) + "\n")
+    (folder / "by_id.lua").write_text(WRK_BY_ID % (folder / "ids.txt"))
+    process = subprocess.Popen(
+        [wrk, "-t1", "-c32", "-d600s", "-s", str(folder / "by_id.lua"), url],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    counts: dict = {}
+    try:
+        time.sleep(1.0)  # the load is on before the block starts
+        yield counts
+    finally:
+        process.send_signal(signal.SIGINT)  # wrk stops and prints what it measured
+        text = process.communicate(timeout=60)[0]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    counts["requests"] = int(re.search(r"(\d+) requests in", text).group(1))
+    counts["failed"] = (int(bad.group(1)) if bad else 0) + (
+        sum(int(n) for n in sockets.groups()) if sockets else 0
+    )
+
+
+def wait_for_count(url: str, count: int) -> int:
+    """Times in a row /health said ``count`` (both workers switched once it says so 20 times)."""
+    seen = 0
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for _ in range(1200):
+            seen = seen + 1 if client.get("/health").json()["count"] == count else 0
+            if seen >= 20:
+                break
+            time.sleep(0.05)
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [*KINDS, *DISTRIBUTED])
+def test_a_sync_under_wrk_load_mirrors_the_embeddings_without_a_failed_request(catalogue, tmp_path, kind):
+    embeddings = tmp_path / "embeddings"
+    shutil.copytree(catalogue / "embeddings", embeddings)
+    index = str(tmp_path / "index")
+    flags = ["--index-type", {**KINDS, **DISTRIBUTED}[kind]]
+    flags += ["--distributed"] if kind in DISTRIBUTED else []
+    assert index_command.main(["--embeddings", str(embeddings), "--output", index, *flags]) == 0
+    # The embeddings change as an embed rerun changes them: the file of a shard whose
+    # images were all deleted goes; one whose first 100 images changed is written
+    # anew under another name (their rows replaced, its other rows the same); a new
+    # shard's file appears.
+    os.remove(embeddings / "embeddings-001000.parquet")
+    os.remove(embeddings / "embeddings-003000.parquet")
+    vectors, uris, metadata = catalogue_rows(3000, 1000)
+    vectors[:100] = StructuredVectors(DIM, seed=4).chunk(77_000, 100)  # other images, alike
+    write_embeddings(
+        str(embeddings),
+        vectors,
+        uris,
+        [f"changed-{n}" for n in range(100)]
+        + [hashlib.sha256(uri.encode()).hexdigest() for uri in uris[100:]],
+        "embeddings-003000b.parquet",
+        metadata=metadata,
+    )
+    write_catalogue(embeddings, 6000, 500, files=1)
+    kept = [image_id(uris_of(row)) for row in [*range(0, 1000, 7), *range(4000, 6000, 7)]]
+    with serve(index, "--workers", "2", "--reload-seconds", "0.3") as url:
+        with wrk_load(url, kept, tmp_path) as load:
+            synced = subprocess.run(
+                [os.path.join(BIN, "imgembed"), "index", "--sync", "--embeddings", str(embeddings)]
+                + ["--output", index, *(flags[2:])],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            seen = wait_for_count(url, 5500)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            deleted = client.get(f"/v1/items/{image_id(uris_of(1500))}")
+            added = client.get(f"/v1/items/{image_id(uris_of(6100))}")
+            # A changed image is found by its new vector, as itself.
+            changed = client.post("/v1/search", json={"vectors": vectors[:20].tolist(), "k": 1}).json()
+            kept_rows = client.post(
+                "/v1/search", json={"vectors": catalogue_rows(4000, 1000)[0][:50].tolist(), "k": 1}
+            ).json()
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    assert "500 images added, 100 replaced, 1,000 removed" in synced.stdout, synced.stdout
+    assert "900 unchanged rows of rewritten files" in synced.stdout
+    assert seen >= 20
+    assert load["failed"] == 0 and load["requests"] > 100, load
+    assert deleted.status_code == 404 and added.status_code == 200
+    found = [hits[0]["id"] for hits in changed["results"]]
+    expected = [image_id(uri) for uri in uris[:20]]
+    assert sum(a == b for a, b in zip(found, expected, strict=True)) >= 18, (kind, found, expected)
+    found = [hits[0]["id"] for hits in kept_rows["results"]]
+    expected = [image_id(uris_of(row)) for row in range(4000, 4050)]
+    assert sum(a == b for a, b in zip(found, expected, strict=True)) >= 45, kind
+
+
 def burst_of_health_checks(port: int, count: int = 32, while_stopped: int | None = None) -> dict[int, int]:
     """Opens ``count`` connections at once (as wrk does), each asking /health, and
     returns how many each worker accepted; with ``while_stopped``, that worker is
     stopped while they arrive, as a worker busy with a long request would be."""
-    import signal
     import socket
 
     if while_stopped:
@@ -263,7 +381,6 @@ def test_each_worker_accepts_its_share_of_connections_and_a_dead_one_is_replaced
     still gets its share (behind one shared socket the idle worker took them all,
     and kept them: by id 1,500 requests/s under wrk against 2,650). Connections made
     while a killed worker is replaced wait in its socket for the replacement."""
-    import signal
     import urllib.parse
 
     index = build(catalogue, "flat", "--index-type", "Flat")
@@ -286,7 +403,6 @@ def test_each_worker_accepts_its_share_of_connections_and_a_dead_one_is_replaced
 def test_a_worker_that_keeps_dying_as_it_starts_stops_the_service_with_the_reason(catalogue):
     """Replacing a worker that dies again at once would hide the fault behind an
     endless restart; after a few such deaths the service stops, saying why."""
-    import signal
 
     index = build(catalogue, "flat", "--index-type", "Flat")
     served = subprocess.Popen(
