@@ -18,6 +18,10 @@ COMMANDS = {
         "imgembed.index.command",
         "build a FAISS index from embeddings (or --add to one), with measured recall",
     ),
+    "watch": (
+        "imgembed.watch",
+        "embed what is new or changed every few seconds and keep an index in step (a growing corpus)",
+    ),
     "serve": ("imgembed.service.command", "serve nearest-neighbour search (HTTP + web page) over an index"),
     "query": ("imgembed.service.query", "nearest neighbours from the command line (by id, image or vector)"),
     "quantize": (

@@ -175,6 +175,12 @@ def kmeans_lists(raw: EmbeddingSource, seed: int) -> CoarseLists:
     count = raw.count
     lists = max(1, min(int(math.sqrt(count)), count // 39))
     sample = prepare(raw.take(raw.sample_ids(lists * 64, np.random.default_rng(seed))), Metric.COSINE)
+    if lists == 1:  # under 78 rows: one list, and nothing for k-means to do (faiss would warn)
+        return CoarseLists.from_centroids(
+            sample.mean(axis=0, keepdims=True),
+            np.array([count]),
+            lambda first, rows: np.zeros(len(rows), np.int64),
+        )
     kmeans = faiss.Kmeans(raw.raw_dim, lists, niter=10, seed=seed, spherical=True)
     kmeans.train(sample)
     _, nearest = kmeans.index.search(sample, 1)

@@ -209,3 +209,18 @@ def test_a_grown_corpus_reruns_only_what_changed_and_the_synced_index_mirrors_it
     copies = [searcher.item(image_id(str(corpus / copy / "p0200.jpg"))) for copy in ("a", "b")]
     assert copies[0]["cluster_id"] == copies[1]["cluster_id"] and copies[0]["cluster_size"] == 2
     assert searcher.item(image_id(str(corpus / "a" / "p0100.jpg")))["cluster_size"] == 1
+
+
+@pytest.mark.slow
+def test_watch_makes_each_upload_searchable_and_a_killed_watcher_loses_nothing(gcs, tmp_path, monkeypatch):
+    from bench.watch_latency import trial
+    from fixtures import tiny_models
+
+    monkeypatch.setenv("IMGEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny_models.save_tflite(str(tmp_path / "tiny.tflite"))
+    figures = trial(gcs, tmp_path, model, rate=2, seconds=30, kill=True, interval=3)
+    assert figures["watcher_killed"] == 1
+    assert figures["searchable"] == figures["polled"] > 50, figures
+    assert figures["uploads"] == figures["rows"] == figures["index_count"], figures
+    assert figures["duplicate_rows"] == 0 and figures["responses_5xx"] == 0, figures
+    assert figures["latency_p95_s"] < 60, figures
