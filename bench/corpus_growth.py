@@ -103,6 +103,11 @@ def run(photos: list[str], work: str, pythonpath: str | None) -> dict:
     return figures
 
 
+def _version(pythonpath: str) -> str:
+    text = pathlib.Path(pythonpath, "imgembed", "__init__.py").read_text()
+    return text.split("__version__ = ", 1)[1].split()[0].strip("\"'")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", default=DEFAULT_PHOTOS, help="A glob of photos (../shared's ImageNet).")
@@ -113,11 +118,13 @@ def main() -> int:
     if len(photos) < 20:
         print(f"corpus_growth: too few photos match {args.photos}", file=sys.stderr)
         return 2
+    runs = [("this imgembed", None)]
+    if args.compare_with:
+        runs.append((f"imgembed {_version(args.compare_with)} (--compare-with)", args.compare_with))
     columns = {}
-    for name, pythonpath in [("this imgembed", None), ("--compare-with", args.compare_with)]:
-        if name == "this imgembed" or pythonpath:
-            with tempfile.TemporaryDirectory(prefix="imgembed-growth-") as work:
-                columns[name] = run(photos, work, pythonpath)
+    for name, pythonpath in runs:
+        with tempfile.TemporaryDirectory(prefix="imgembed-growth-") as work:
+            columns[name] = run(photos, work, pythonpath)
     print(json.dumps(columns, indent=2))
     names = list(columns)
     rows = "\n".join(

@@ -24,9 +24,11 @@ LAYERS = {
     "imgembed.service": 4,
     "imgembed.cli": 5,
     "imgembed.console": 5,
+    "imgembed.watch": 5,
 }
-# The command line's edge: the dispatcher and the console (logging, progress bars).
-EDGE = ("imgembed.cli", "imgembed.console")
+# The command line's edge: the dispatcher, the console (logging, progress bars), and
+# `imgembed watch`, which runs the embed job and index updates in turn.
+EDGE = ("imgembed.cli", "imgembed.console", "imgembed.watch")
 
 
 def test_the_wheel_installs_one_top_level_package_with_its_data(tmp_path):
