@@ -60,7 +60,16 @@ setup(
         "scikit-learn>=1.3",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "httpx>=0.27", "playwright>=1.45", "build>=1.0"],
+        # Beam's DaskRunner, on a dask.distributed cluster (README: Running on Dask).
+        "dask": ["apache-beam[dask]", "dask[distributed]>=2024.4.2"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "httpx>=0.27",
+            "playwright>=1.45",
+            "build>=1.0",
+            "dask[distributed]>=2024.4.2",
+        ],
     },
     entry_points={"console_scripts": ["imgembed=imgembed.cli:main"]},
 )

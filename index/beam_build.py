@@ -29,6 +29,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from imgembed.common import storage
+from imgembed.common.runners import close_client, local_workers, spread_over
 from imgembed.index import store
 from imgembed.index.build import add_locally
 from imgembed.index.faiss_index import (
@@ -124,8 +125,14 @@ def add_with_beam(
         )
         add_locally(index, source, metric, refine, folder)
         return
-    options = PipelineOptions(pipeline_args or [])
+    args = spread_over(list(pipeline_args or []), len(source.files))
+    options = PipelineOptions(args)
     temp_location = options.view_as(GoogleCloudOptions).temp_location
+    if temp_location is None and local_workers(options) is None:
+        raise ValueError(
+            "--distributed on a cluster needs Beam's --temp_location where its workers and this "
+            "machine both reach (e.g. gs://bucket/tmp): the trained index and the shards pass through it"
+        )
     local_temp = None if temp_location else tempfile.mkdtemp(prefix="imgembed-index-")
     temp_dir = storage.join(temp_location or local_temp, f"imgembed-index-{uuid.uuid4().hex}")
     transform_dir = source.transform.directory if source.transform is not None else None
@@ -133,13 +140,18 @@ def add_with_beam(
     empty_path = storage.join(temp_dir, "trained-empty.faiss")
     storage.ensure_folder(temp_dir)
     _write_index(empty, empty_path)
-    with beam.Pipeline(options=options) as pipeline:
-        _ = (
-            pipeline
-            | "Files" >> beam.Create(source.files)
-            | "Spread" >> beam.Reshuffle()
-            | "AddToShards" >> beam.ParDo(AddFileToShard(empty_path, temp_dir, metric, transform_dir))
-        )
+    pipeline = beam.Pipeline(options=options)
+    _ = (
+        pipeline
+        | "Files" >> beam.Create(source.files)
+        | "Spread" >> beam.Reshuffle()
+        | "AddToShards" >> beam.ParDo(AddFileToShard(empty_path, temp_dir, metric, transform_dir))
+    )
+    result = pipeline.run()
+    try:
+        result.wait_until_finish()
+    finally:
+        close_client(result)
     shards = [shard_path(temp_dir, file) for file in source.files]  # id order: refine codes are positional
     if folder is not None and index.ntotal == 0 and can_have_on_disk_lists(index):
         merge_on_disk(index, shards, os.path.join(folder, store.ON_DISK_LISTS_FILE))

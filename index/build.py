@@ -41,7 +41,7 @@ from imgembed.index.faiss_index import (
 from imgembed.index.reader import EmbeddingSource
 from imgembed.index.refine_file import RefineVectors
 from imgembed.index.vectors import Metric, prepare
-from imgembed.transforms.embedding_transform import TransformOptions
+from imgembed.transforms.embedding_transform import TransformOptions, check_runner
 
 _log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class IndexConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "metric", Metric.parse(self.metric))
+        if self.transform is not None:
+            check_runner(self.beam_args)
         if not 0 < self.recall_target <= 1:
             raise ValueError(f"--recall-target must be in (0, 1], got {self.recall_target}")
         if self.dedup_threshold is not None and not -1 <= self.dedup_threshold <= 1:

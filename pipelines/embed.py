@@ -1,11 +1,11 @@
 """``imgembed embed``: image files -> MobileNet V1 embeddings in Parquet, on Beam.
 
-    launcher: inputs -> input shards, written as a plan beside the outputs;
+    launcher: inputs x committed shards -> the shards to write (pipelines/plan.py),
+              written as a plan beside the outputs, in parts;
               models checked, converted to TFLite and staged where workers read them
-    job:      plan --ReadFromText--> shard lines --Reshuffle--> EmbedShard, one shard at a
-              time: read -> decode -> embed in batches -> Parquet files -> marker
-              markers --sum--> the run's totals
-    launcher: totals -> run_summary.json; exits non-zero when the error rate is too high
+    job:      part numbers --read each part--> shard lines --Reshuffle--> EmbedShard, one
+              shard at a time: read -> decode -> embed in batches -> Parquet files -> marker
+    launcher: markers -> run_summary.json; exits non-zero when the error rate is too high
 
 Each shard commits when it is done, on every runner: a killed or failed job keeps
 every finished shard, and a rerun (same inputs, same settings) does only the rest.
@@ -39,8 +39,8 @@ from apache_beam.options.pipeline_options import (
 )
 
 from imgembed.common import progress, storage
-from imgembed.common.embedding_files import ID_SCHEME, key_of, markers_glob
-from imgembed.common.runners import local_workers, with_default_runner
+from imgembed.common.embedding_files import ID_SCHEME, key_of, marker_path, markers_glob
+from imgembed.common.runners import close_client, local_workers, spread_over, with_default_runner
 from imgembed.common.units import parse_size
 from imgembed.models.errors import ModelLoadError
 from imgembed.models.loading import BACKENDS, PreparedModel, prepared_meanwhile
@@ -53,12 +53,13 @@ from imgembed.pipelines.preprocess import ImagePreparer
 from imgembed.pipelines.shard_worker import EmbedShard, ShardJob
 from imgembed.pipelines.shards import (
     PLAN_FOLDER,
+    PLAN_PARTS,
     InputError,
     InputFile,
     InputFormat,
     InputShard,
     list_inputs,
-    plan_path,
+    read_plan_part,
     settings_key,
     write_plan,
 )
@@ -306,41 +307,30 @@ class DryRun:
     job_file: str | None
 
 
-class MarkerTotals(beam.CombineFn):
-    """The run's totals: the sum of its shards' markers, one accumulator at a time."""
-
-    def create_accumulator(self):
-        return outputs.add_markers([])
-
-    def add_input(self, accumulator, marker):
-        return outputs.add_markers([accumulator, marker])
-
-    def merge_accumulators(self, accumulators):
-        return outputs.add_markers(list(accumulators))
-
-    def extract_output(self, accumulator):
-        return accumulator
-
-
-def totals_path(output_dir: str, settings: str) -> str:
-    return storage.join(output_dir, PLAN_FOLDER, f"totals-{settings}.json")
-
-
-def build_pipeline(pipeline: beam.Pipeline, job: ShardJob, plan: str) -> None:
-    """The whole job: its size does not depend on the number of inputs."""
+def build_pipeline(pipeline: beam.Pipeline, job: ShardJob) -> None:
+    """The whole job: its size does not depend on the number of inputs. The plan is
+    read by a step, not by a source: every runner runs a ParDo (Beam's DaskRunner
+    has no translation for sources), and the graph holds only the number of parts."""
     _ = (
         pipeline
-        | "ReadPlan" >> beam.io.ReadFromText(plan, validate=False)
+        | "PlanParts" >> beam.Create(list(range(PLAN_PARTS)))
+        | "ReadPlan" >> beam.FlatMap(read_plan_part, job.output_dir, job.settings_key)
         # One shard per element, spread over the workers (and not fused with the read).
         | "Spread" >> beam.Reshuffle()
         | "EmbedShards" >> beam.ParDo(EmbedShard(job))
-        | "Totals" >> beam.CombineGlobally(MarkerTotals())
-        | "WriteTotals"
-        >> beam.Map(
-            lambda total, path: outputs.write_whole(path, json.dumps(total).encode()),
-            path=totals_path(job.output_dir, job.settings_key),
-        )
     )
+
+
+def run_work(output_dir: str, keys) -> dict:
+    """The sum of the markers of the shards a job wrote, read once it ended. A shard
+    without its marker after a job that succeeded was lost by the runner: the run
+    fails and says which."""
+    paths = [marker_path(output_dir, key) for key in sorted(keys)]
+    found = storage.read_many(paths, lambda path: storage.read_json(path) if storage.exists(path) else None)
+    missing = [path for path, marker in zip(paths, found, strict=True) if marker is None]
+    if missing:
+        raise JobFailed(f"the job ended without writing {len(missing)} shards ({missing[0]} ...)")
+    return outputs.add_markers(found)
 
 
 def _plan_run(config: EmbedConfig, key: str, dry_run: bool) -> RunPlan:
@@ -471,22 +461,25 @@ def run(
         top_k=config.top_k,
         threads=config.inference_threads,
     )
-    plan_file = plan_path(config.output_dir, key)
     started = time.monotonic()
     if plan.todo or dry_run:  # with nothing to write, no job is started
         if not dry_run:
-            write_plan(plan_file, plan.todo)
-        pipeline = test_pipeline or beam.Pipeline(options=options)
-        build_pipeline(pipeline, job, plan_file)
+            write_plan(config.output_dir, key, plan.todo)
+        given = sys.argv[1:] if argv is None else list(argv)
+        pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(spread_over(given, PLAN_PARTS)))
+        build_pipeline(pipeline, job)
         with MarkerWatcher(config.output_dir, {} if dry_run else plan.todo):
+            result = None
             try:
                 result = pipeline.run()
                 result.wait_until_finish()
             except Exception as error:  # the runner's report of a worker's failure
                 raise JobFailed(_job_failure(error)) from error
+            finally:
+                close_client(result)
         if dry_run:
             return DryRun(_write_job_file(result, options))
-        written = storage.read_json(totals_path(config.output_dir, key))
+        written = run_work(config.output_dir, plan.todo)
     else:
         written = outputs.add_markers([])
     backends = {model.spec.name: model.backend for model in config.models}

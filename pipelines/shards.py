@@ -11,8 +11,9 @@ inputs always give the same key.
 
 Which shards a run writes is decided in pipelines/plan.py, against the shards
 already committed; this module lists the inputs and cuts new ones into shards.
-The launcher writes the plan, one JSON line per shard, beside the outputs; the
-job reads it there, so the job's graph is the same size for 10 inputs or 10^7.
+The launcher writes the plan, one JSON line per shard, in PLAN_PARTS files beside
+the outputs; the job reads it there, so its graph is the same size for 10 inputs
+or 10^7.
 
 Every path is canonical (see ``storage.canonical``): a file has one spelling,
 whatever the pattern that matched it, so its image id never depends on how a
@@ -267,13 +268,34 @@ def plan_shards(patterns: list[str], input_format: InputFormat, files_per_shard:
     return cut_into_shards(list(list_inputs(patterns, input_format).values()), files_per_shard)
 
 
-def plan_path(output_dir: str, settings: str) -> str:
-    return storage.join(output_dir, PLAN_FOLDER, f"shards-{settings}.jsonl")
+# The plan is written in this many parts, whatever the number of shards: the job
+# reads one part per element of a Create of their numbers, so its graph is the same
+# for every run (a Create's elements are in Dataflow's job file, about 390 bytes
+# each), and a runner that does not shuffle (Dask) still gets a task per part.
+PLAN_PARTS = 64
 
 
-def write_plan(path: str, shards: dict[str, InputShard]) -> None:
-    """One JSON line per shard, the most bytes first: runners deal out work in the
-    order it comes, so the last shards dealt are the smallest and workers finish
-    together (the longest-processing-time-first rule)."""
+def plan_part_path(output_dir: str, settings: str, part: int) -> str:
+    return storage.join(output_dir, PLAN_FOLDER, f"shards-{settings}-{part:03d}-of-{PLAN_PARTS:03d}.jsonl")
+
+
+def write_plan(output_dir: str, settings: str, shards: dict[str, InputShard]) -> None:
+    """One JSON line per shard, the most bytes first, dealt round-robin into ``parts``
+    files: runners deal out work in the order it comes, so the last shards dealt are
+    the smallest and workers finish together (the longest-processing-time-first
+    rule), and every part holds its share of big and small shards."""
     ordered = sorted(shards.items(), key=lambda item: (-sum(item[1].sizes), item[0]))
-    storage.write_atomically(path, "".join(shard.to_json(key) + "\n" for key, shard in ordered).encode())
+    lines: list[list[str]] = [[] for _ in range(PLAN_PARTS)]
+    for number, (key, shard) in enumerate(ordered):
+        lines[number % PLAN_PARTS].append(shard.to_json(key) + "\n")
+    storage.read_many(
+        range(PLAN_PARTS),
+        lambda part: storage.write_atomically(
+            plan_part_path(output_dir, settings, part), "".join(lines[part]).encode()
+        ),
+    )
+
+
+def read_plan_part(part: int, output_dir: str, settings: str) -> list[str]:
+    """The plan lines of one part (a job step: each worker reads its own parts)."""
+    return storage.read_bytes(plan_part_path(output_dir, settings, part)).decode().splitlines()

@@ -24,11 +24,11 @@ from tests.servers import free_port
 
 BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-POOL_SCRIPT = (
+ISOLATED_SCRIPT = (
     "{keep} mount -t tmpfs tmpfs /tmp && {restore}"
     " mkdir -p /tmp/home && printf '%s' \"$CREDENTIALS_JSON\" > /tmp/adc.json"
     " && export HOME=/tmp/home GOOGLE_APPLICATION_CREDENTIALS=/tmp/adc.json"
-    " && exec {python} -m apache_beam.runners.worker.worker_pool_main --service_port={port}"
+    " && cd /tmp/home && exec {command}"
 )
 
 
@@ -42,15 +42,24 @@ def _kept_under_tmp() -> list[str]:
     return kept
 
 
-def _pool_script(port: int) -> str:
-    """The worker pool's shell command: a private /tmp, with the code it runs kept."""
+def isolated(command: list[str], env: dict[str, str], credentials_json: str, log) -> subprocess.Popen:
+    """Starts ``command`` in a mount namespace of its own with a private /tmp (HOME and
+    its Google credentials there), in a session of its own, so that its processes
+    can be stopped, or killed, together."""
     kept = _kept_under_tmp()
     keep = "mount -t tmpfs tmpfs /mnt && " if kept else ""
     restore = ""
     for number, path in enumerate(map(shlex.quote, kept)):
         keep += f"mkdir /mnt/kept{number} && mount --bind {path} /mnt/kept{number} && "
         restore += f" mkdir -p {path} && mount --bind /mnt/kept{number} {path} &&"
-    return POOL_SCRIPT.format(keep=keep, restore=restore, python=shlex.quote(sys.executable), port=port)
+    script = ISOLATED_SCRIPT.format(keep=keep, restore=restore, command=shlex.join(command))
+    return subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        env=os.environ | env | {"CREDENTIALS_JSON": credentials_json, "PATH": f"{BIN}:{os.environ['PATH']}"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def can_isolate() -> str | None:
@@ -63,7 +72,7 @@ def can_isolate() -> str | None:
     return None if done.returncode == 0 else f"unshare --mount failed: {done.stderr.strip()}"
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, log, what: str) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, log, what: str) -> None:
     deadline = time.monotonic() + 60
     while True:
         if process.poll() is not None:
@@ -93,20 +102,11 @@ def isolated_workers(env: dict[str, str], credentials_json: str):
         stdout=job_log,
         stderr=subprocess.STDOUT,
     )
-    pool_env = (
-        os.environ | env | {"CREDENTIALS_JSON": credentials_json, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    )
-    script = _pool_script(pool_port)
-    pool = subprocess.Popen(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        env=pool_env,
-        stdout=pool_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its SDK worker processes are stopped with it
-    )
+    pool_command = [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main"]
+    pool = isolated([*pool_command, f"--service_port={pool_port}"], env, credentials_json, pool_log)
     try:
-        _wait_for_port(job_port, job_service, job_log, "the job service")
-        _wait_for_port(pool_port, pool, pool_log, "the worker pool")
+        wait_for_port(job_port, job_service, job_log, "the job service")
+        wait_for_port(pool_port, pool, pool_log, "the worker pool")
         yield [
             "--runner=PortableRunner",
             f"--job_endpoint=localhost:{job_port}",

@@ -191,7 +191,7 @@ def job_file_bytes(tmp_path, gcs, inputs: int) -> int:
     )
     assert isinstance(result, embed.DryRun) and result.job_file == str(job_file)
     text = job_file.read_text()
-    for step in ("ReadPlan", "EmbedShards", "Totals"):
+    for step in ("PlanParts", "ReadPlan", "EmbedShards"):
         assert step in text, step
     return len(text)
 

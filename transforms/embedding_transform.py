@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from imgembed.common import storage
 from imgembed.common.local_copies import local_path
-from imgembed.common.runners import local_workers
+from imgembed.common.runners import DASK_RUNNER, local_workers
 
 EMBEDDING = "embedding"
 # A second output, the same for every row: the share of the corpus variance the
@@ -116,6 +116,16 @@ def _as_list_batches(table: pa.Table) -> list[pa.RecordBatch]:
     return pa.Table.from_arrays([column], names=[EMBEDDING]).to_batches()
 
 
+def check_runner(pipeline_args) -> None:
+    """Refuses, before any work, a runner the analysis cannot run on."""
+    if any(arg in (f"--runner={DASK_RUNNER}", DASK_RUNNER) for arg in pipeline_args):
+        raise ValueError(
+            "Beam's DaskRunner cannot run the tf.Transform analysis: it hands every output of a "
+            "multi-output step to every consumer, and tf.Transform's combiners then fail (Beam 2.77). "
+            "Run the --dims/--center stage on the local runner, Dataflow or Flink"
+        )
+
+
 def analyze(
     embedding_files: list[str], dim: int, options: TransformOptions, output_dir: str, pipeline_args=()
 ) -> str:
@@ -130,8 +140,9 @@ def analyze(
     import tensorflow_transform.beam as tft_beam
     from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
-    preprocessing_fn = preprocessing_fn_for(options, dim)
+    check_runner(pipeline_args)
     beam_options = PipelineOptions(list(pipeline_args))
+    preprocessing_fn = preprocessing_fn_for(options, dim)
     temp_location = (
         None if local_workers(beam_options) else beam_options.view_as(GoogleCloudOptions).temp_location
     )
