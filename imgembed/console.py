@@ -38,7 +38,9 @@ QUIET_ENVIRONMENT = {
 NATIVE_NOISE = re.compile(
     rb"^([IWE]\d{4} \d\d:\d\d:[\d.]+\s+\d+ \S+:\d+\]"
     rb"|WARNING: All log messages before absl::InitializeLog\(\)"
-    rb"|To enable the following instructions:)"
+    rb"|To enable the following instructions:"
+    # faiss's own, from its C++: a small training sample (the report says what was built).
+    rb"|WARNING clustering \d+ points to \d+ centroids)"
     rb"|Created TensorFlow Lite XNNPACK delegate"
 )
 THIRD_PARTY_LOGGERS = (

@@ -121,8 +121,8 @@ class Watcher:
         except InputError as error:  # an empty bucket: nothing to do yet
             cycle.index = f"no inputs yet ({error})"
         except (embed.JobFailed, ValueError, OSError, RuntimeError) as error:
-            if number == 1 and isinstance(error, ValueError):
-                raise  # a flag is wrong: no later cycle will do better
+            if number == 1 and isinstance(error, ValueError | OSError):
+                raise  # a flag is wrong, or a folder unwritable: no later cycle will do better
             cycle.failure = " ".join(str(error).split())[:300]
         cycle.seconds = time.monotonic() - started
         return cycle
@@ -151,8 +151,8 @@ def main(argv: list[str]) -> int:
         if args.interval < 0:
             raise ValueError(f"--interval must be >= 0 seconds, got {args.interval}")
         config = IndexConfig(max_memory=parse_size(args.max_memory))
-    except ValueError as error:
-        print(f"imgembed watch: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        print(f"imgembed watch: {' '.join(str(error).split())[:400]}", file=sys.stderr)
         return 2
     progress.set_display(progress.Display())  # one line a cycle, no bars
     watcher = Watcher(with_default_runner(embed_argv), args.index, args.interval, config)
@@ -162,8 +162,8 @@ def main(argv: list[str]) -> int:
         watcher.run(args.cycles, report=lambda line: print(line, flush=True))
     except KeyboardInterrupt:
         pass
-    except ValueError as error:
-        print(f"imgembed watch: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        print(f"imgembed watch: {' '.join(str(error).split())[:400]}", file=sys.stderr)
         return 2
     return 0
 

@@ -135,11 +135,14 @@ def add_with_beam(
         )
     local_temp = None if temp_location else tempfile.mkdtemp(prefix="imgembed-index-")
     temp_dir = storage.join(temp_location or local_temp, f"imgembed-index-{uuid.uuid4().hex}")
-    transform_dir = source.transform.directory if source.transform is not None else None
     empty = empty_copy(index)
     empty_path = storage.join(temp_dir, "trained-empty.faiss")
     storage.ensure_folder(temp_dir)
     _write_index(empty, empty_path)
+    transform_dir = None
+    if source.transform is not None:  # its graph may be on this machine only (an index version's copy)
+        transform_dir = storage.join(temp_dir, "transform")
+        storage.copy_tree(source.transform.directory, transform_dir)
     pipeline = beam.Pipeline(options=options)
     _ = (
         pipeline

@@ -307,6 +307,9 @@ def build(
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": source.metadata.get("model"),
             "preprocessing": source.metadata.get("preprocessing"),
+            # What ran the model (tflite, tensorflow; int8 is another precision): the
+            # service embeds uploads the same way, and updates must match it.
+            "backend": source.metadata.get("backend"),
             "embedding_dimension": source.raw_dim,
             "dimension": source.dim,
             "metric": config.metric.value,

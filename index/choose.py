@@ -146,6 +146,16 @@ def choose_index(count: int, dim: int, max_memory: int) -> IndexPlan:
             f"(fastest queries) over raw vectors, which fit the {budget}",
         )
     sizing = ivf_sizing(count, dim, max_memory)
+    if sizing.train_size < sizing.nlist * MIN_POINTS_PER_CENTROID:
+        # Fewer than faiss's 39 points a list: lists of a few points each, not an index.
+        flat = count * 4 * dim * OVERHEAD
+        sample = sizing.nlist * MIN_POINTS_PER_CENTROID * dim * 4 / TRAIN_SHARE_OF_BUDGET
+        need = flat if count < sizing.nlist * MIN_POINTS_PER_CENTROID else sample
+        raise ValueError(
+            f"--max-memory {format_size(max_memory)} is too small for an index of {count:,} vectors of "
+            f"{dim} dimensions (it could not even train {sizing.nlist} lists on 39 points each); "
+            f"give it at least {format_size(need)}"
+        )
     ivf_train, lists = sizing.train_size, f"IVF{sizing.nlist}{sizing.quantizer}"
 
     def ivf_plan(kind: str, factory: str, bytes_per_vector: float, why: str) -> IndexPlan:

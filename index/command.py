@@ -197,6 +197,12 @@ def main(argv: list[str]) -> int:
     except (IndexInputError, ValueError) as error:
         print(f"imgembed index: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # an --output that cannot be written (read-only, a file)
+        print(
+            f"imgembed index: cannot write {args.output}: {' '.join(str(error).split())[:400]}",
+            file=sys.stderr,
+        )
+        return 2
     print(describe(report, args.output))
     # A build that missed its recall target with every kind it tried is a failure;
     # an add that advises a retrain still added its rows.

@@ -19,7 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgembed.common import storage
-from imgembed.common.embedding_files import EMBEDDING_COLUMN, PARQUET_SUFFIX, embeddings_glob, read_metadata
+from imgembed.common.embedding_files import (
+    EMBEDDING_COLUMN,
+    METADATA_KEY,
+    PARQUET_SUFFIX,
+    embeddings_glob,
+    read_metadata,
+)
 from imgembed.common.storage import list_files
 from imgembed.index.vectors import IndexInputError
 
@@ -106,7 +112,13 @@ class EmbeddingSource:
         field = schema.field(EMBEDDING_COLUMN) if EMBEDDING_COLUMN in schema.names else None
         if field is None or not pa.types.is_fixed_size_list(field.type):
             raise IndexInputError(f"{path} has no fixed-size `embedding` column; is it an imgembed file?")
-        metadata = read_metadata(schema)
+        missing = [name for name in ("id", "uri") if name not in schema.names]
+        if missing:
+            raise IndexInputError(
+                f"{path} has no {', '.join(missing)} column: every row needs its id and uri"
+            )
+        # Files of another tool (id, uri and embedding alone) name no model: image search is then off.
+        metadata = read_metadata(schema) if METADATA_KEY in (schema.metadata or {}) else {}
         if self.raw_dim is None:
             self.raw_dim, self.metadata, self.columns = field.type.list_size, metadata, schema.names
         elif field.type.list_size != self.raw_dim:
@@ -119,6 +131,13 @@ class EmbeddingSource:
                 f"mixed models: {path} was made by {_model_name(metadata)}, "
                 f"{self.files[0].path} by {_model_name(self.metadata)}"
             )
+        else:
+            for what in ("preprocessing", "backend"):
+                if metadata.get(what) != self.metadata.get(what):
+                    raise IndexInputError(
+                        f"mixed {what}: {path} was embedded with {metadata.get(what)}, {self.files[0].path} "
+                        f"with {self.metadata.get(what)}; one index holds embeddings made one way"
+                    )
 
     def record_batches(
         self, columns: Sequence[str], files: Sequence[EmbeddingFile] | None = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import os
 import re
@@ -87,41 +88,66 @@ def current_version(index_dir: str) -> str | None:
 
 
 def exists(index_dir: str) -> bool:
-    return current_version(index_dir) is not None
+    """An index is there: its CURRENT, or (CURRENT deleted by hand) a finished version."""
+    return current_version(index_dir) is not None or bool(finished_versions(index_dir))
+
+
+def finished_versions(index_dir: str) -> list[str]:
+    """Versions whose manifest was written (the last file of a version)."""
+    return [
+        name
+        for name in version_names(index_dir)
+        if storage.exists(storage.join(index_dir, name, MANIFEST_FILE))
+    ]
+
+
+class ConcurrentUpdate(IndexInputError):
+    """Another writer published a version while this one was being written."""
 
 
 @dataclasses.dataclass(frozen=True)
 class NewVersion:
-    """A version being written: ``local_dir`` on this machine, published to ``index_dir``."""
+    """A version being written: ``local_dir`` on this machine, published to ``index_dir``;
+    ``base``: the live version when it started (None: there was none)."""
 
     index_dir: str
     name: str
     local_dir: str
+    base: str | None
 
     @classmethod
     def start(cls, index_dir: str) -> NewVersion:
         # Microseconds, so that names sort as the versions were started.
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         name = f"{VERSION_PREFIX}{stamp}-{uuid.uuid4().hex[:6]}"
+        base = current_version(index_dir)
         if storage.is_local(index_dir):  # written where it stays: nothing to copy
             local_dir = os.path.join(index_dir, name)
             os.makedirs(local_dir)
         else:
             local_dir = tempfile.mkdtemp(prefix=f"imgembed-index-{name}-")
-        return cls(index_dir, name, local_dir)
+        return cls(index_dir, name, local_dir, base)
 
     def publish(self) -> None:
-        """Makes this version the live one. The one live before it stays (a reader may
-        still be on it); older versions go, finished or not (a build killed midway
-        leaves its folder). A version started after that one and not yet live may be
-        another build's, still being written: it goes at the next publish."""
-        previous = current_version(self.index_dir)
-        if not storage.is_local(self.index_dir):
+        """Makes this version the live one, by one atomic write of CURRENT, unless
+        another writer published since this one started (two --add or --sync runs at
+        once): then nothing is published and it says so, rather than dropping the
+        other's rows. The one live before stays (a reader may still be on it); older
+        versions go, finished or not (a build killed midway leaves its folder)."""
+        if not storage.is_local(self.index_dir):  # every file up before CURRENT names the version
             storage.copy_tree(self.local_dir, storage.join(self.index_dir, self.name))
+        with _publish_lock(self.index_dir):
+            live = current_version(self.index_dir)
+            if live != self.base:
+                raise ConcurrentUpdate(
+                    f"{self.index_dir}: version {live} was published by another writer while this one "
+                    f"ran (it started from {self.base or 'no index'}); nothing was published: run it again"
+                )
+            storage.write_atomically(storage.join(self.index_dir, CURRENT_FILE), self.name.encode())
+        if not storage.is_local(self.index_dir):
             shutil.rmtree(self.local_dir, ignore_errors=True)
-        storage.write_atomically(storage.join(self.index_dir, CURRENT_FILE), self.name.encode())
         for old in version_names(self.index_dir):
-            if old < (previous or self.name) and old != self.name:
+            if old < (live or self.name) and old != self.name:
                 storage.delete_folder(storage.join(self.index_dir, old))
 
     def discard(self) -> None:
@@ -129,6 +155,22 @@ class NewVersion:
         shutil.rmtree(self.local_dir, ignore_errors=True)
         if not storage.is_local(self.index_dir):  # a copy that failed midway
             storage.delete_folder(storage.join(self.index_dir, self.name))
+
+
+@contextlib.contextmanager
+def _publish_lock(index_dir: str):
+    """Writers of one local index check CURRENT and replace it one at a time
+    (``flock``). Object stores have no lock: the check narrows the race to the
+    moment of the write (see the README)."""
+    if not storage.is_local(index_dir):
+        yield
+        return
+    with open(os.path.join(index_dir, ".publish.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -146,6 +188,8 @@ def new_version(index_dir: str) -> Iterator[NewVersion]:
 def version_names(index_dir: str) -> list[str]:
     """The names of every version folder in ``index_dir``, live, old or unfinished."""
     if storage.is_local(index_dir):  # the folders themselves, empty ones too
+        if not os.path.isdir(index_dir):
+            return []
         names = {entry.name for entry in os.scandir(index_dir) if entry.is_dir()}
     else:  # object stores have no folders: the files directly in them
         paths = storage.list_files(storage.join(index_dir, VERSION_PREFIX + "*", "*"))
@@ -156,6 +200,11 @@ def version_names(index_dir: str) -> list[str]:
 def live_dir(index_dir: str) -> str:
     """The live version's folder on this machine (a local copy when it is remote)."""
     version = current_version(index_dir)
+    if version is None and finished_versions(index_dir):
+        raise IndexInputError(
+            f"{index_dir} holds index versions but no {CURRENT_FILE} (deleted?): write the name of the "
+            f"version to serve into {CURRENT_FILE}, or rebuild with `imgembed index --overwrite`"
+        )
     if version is None:
         raise IndexInputError(
             f"{index_dir} is not an index folder: no {CURRENT_FILE} (build one with `imgembed index`)"

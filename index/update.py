@@ -328,12 +328,12 @@ def _check_compatible(manifest: dict, new: EmbeddingSource) -> None:
             f"the new embeddings ({model}, {new.raw_dim}-d) do not match the index "
             f"({manifest['model']['name']}, {manifest.get('embedding_dimension', manifest['dimension'])}-d)"
         )
-    if manifest.get("preprocessing") and new.metadata.get("preprocessing") != manifest["preprocessing"]:
-        raise IndexInputError(
-            f"the new embeddings were preprocessed otherwise ({new.metadata.get('preprocessing')}) than "
-            f"the index's ({manifest['preprocessing']}); embed them with the same --resize and "
-            "--central-fraction"
-        )
+    for what, flags in (("preprocessing", "--resize and --central-fraction"), ("backend", "--backend")):
+        if manifest.get(what) != new.metadata.get(what):
+            raise IndexInputError(
+                f"the new embeddings were made with another {what} ({new.metadata.get(what)}) than the "
+                f"index's ({manifest.get(what)}); embed them with the same {flags}"
+            )
 
 
 def _check_new_ids(indexed: items.Items, removed: np.ndarray, new: EmbeddingSource) -> None:

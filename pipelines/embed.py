@@ -21,6 +21,7 @@ Runs on any Beam runner; every flag not defined here goes to Beam (``--runner``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -321,16 +322,19 @@ def build_pipeline(pipeline: beam.Pipeline, job: ShardJob) -> None:
     )
 
 
-def run_work(output_dir: str, keys) -> dict:
-    """The sum of the markers of the shards a job wrote, read once it ended. A shard
-    without its marker after a job that succeeded was lost by the runner: the run
+def run_work(output_dir: str, keys) -> tuple[dict, list[dict]]:
+    """(the sum of the markers of the shards a job wrote, the records of those it gave
+    up), read once it ended. A shard with neither was lost by the runner: the run
     fails and says which."""
-    paths = [marker_path(output_dir, key) for key in sorted(keys)]
+    keys = sorted(keys)
+    paths = [marker_path(output_dir, key) for key in keys]
     found = storage.read_many(paths, lambda path: storage.read_json(path) if storage.exists(path) else None)
-    missing = [path for path, marker in zip(paths, found, strict=True) if marker is None]
-    if missing:
-        raise JobFailed(f"the job ended without writing {len(missing)} shards ({missing[0]} ...)")
-    return outputs.add_markers(found)
+    unmarked = [key for key, marker in zip(keys, found, strict=True) if marker is None]
+    failed = outputs.read_failures(output_dir, unmarked)
+    lost = sorted(set(unmarked) - {record["key"] for record in failed})
+    if lost:
+        raise JobFailed(f"the job ended without writing {len(lost)} shards ({lost[0]} ...)")
+    return outputs.add_markers([marker for marker in found if marker is not None]), failed
 
 
 def _plan_run(config: EmbedConfig, key: str, dry_run: bool) -> RunPlan:
@@ -351,6 +355,7 @@ def _plan_run(config: EmbedConfig, key: str, dry_run: bool) -> RunPlan:
     if dry_run:
         return plan
     outputs.delete_leftover_temporaries(config.output_dir, names)
+    storage.delete_folder(storage.join(config.output_dir, outputs.FAILED_FOLDER))  # a run's own
     if config.overwrite:
         outputs.delete_everything(config.output_dir, state.foreign, names)
         return plan
@@ -416,6 +421,11 @@ def _job_failure(error: Exception) -> str:
     return _without_step(lines[-1]) if lines else type(error).__name__
 
 
+def _one_line(error: OSError) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) < 400 else text[:400] + " ..."
+
+
 def _without_step(message: str) -> str:
     return re.sub(r" \[while running '[^']*'\]$", "", message)
 
@@ -442,6 +452,7 @@ def _check_reachable_by_workers(options: PipelineOptions) -> None:
 def run(
     argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None
 ) -> outputs.RunSummary | DryRun:
+    argv = sys.argv[1:] if argv is None else list(argv)
     options = PipelineOptions(argv)
     dry_run = bool(options.view_as(TestOptions).dry_run)
     _check_reachable_by_workers(options)
@@ -449,6 +460,12 @@ def run(
     for model in config.models:
         if model.note:
             _log.warning("%s", model.note)
+    # One run at a time writes an output folder (a dry run writes nothing).
+    with contextlib.nullcontext() if dry_run else outputs.RunLease(config.output_dir):
+        return _run(config, argv, options, dry_run, test_pipeline)
+
+
+def _run(config: EmbedConfig, argv: list[str], options, dry_run: bool, test_pipeline):
     key = settings_key(config.settings())
     plan = _plan_run(config, key, dry_run)
     job = ShardJob(
@@ -462,11 +479,11 @@ def run(
         threads=config.inference_threads,
     )
     started = time.monotonic()
+    written, failed = outputs.add_markers([]), []
     if plan.todo or dry_run:  # with nothing to write, no job is started
         if not dry_run:
             write_plan(config.output_dir, key, plan.todo)
-        given = sys.argv[1:] if argv is None else list(argv)
-        pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(spread_over(given, PLAN_PARTS)))
+        pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(spread_over(argv, PLAN_PARTS)))
         build_pipeline(pipeline, job)
         with MarkerWatcher(config.output_dir, {} if dry_run else plan.todo):
             result = None
@@ -479,9 +496,7 @@ def run(
                 close_client(result)
         if dry_run:
             return DryRun(_write_job_file(result, options))
-        written = run_work(config.output_dir, plan.todo)
-    else:
-        written = outputs.add_markers([])
+        written, failed = run_work(config.output_dir, plan.todo)
     backends = {model.spec.name: model.backend for model in config.models}
     summary = outputs.RunSummary.from_markers(
         written,
@@ -491,6 +506,7 @@ def run(
         backends,
         time.monotonic() - started,
         config.max_error_rate,
+        failed,
     )
     outputs.write_summary(config.output_dir, summary)
     storage.delete_folder(storage.join(config.output_dir, PLAN_FOLDER))
@@ -545,6 +561,9 @@ def main(argv: list[str]) -> int:
     except (InputError, ModelLoadError, ValueError) as error:
         print(f"imgembed embed: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a folder that cannot be written (read-only, a file where a folder is)
+        print(f"imgembed embed: {_one_line(error)}", file=sys.stderr)
+        return 2
     except JobFailed as failure:
         print(
             f"imgembed embed: the job stopped: {failure}\n"
@@ -557,6 +576,9 @@ def main(argv: list[str]) -> int:
         return 0
     print(result.report())
     if not result.balanced:
+        return 1
+    if result.failed_shards:
+        print(result.failure_report(), file=sys.stderr)
         return 1
     failed = error_rate_report(result)
     if failed:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 
 from imgembed.common import storage
@@ -22,6 +23,8 @@ from imgembed.models.loading import PreparedModel
 from imgembed.models.registry import EMBEDDED_SOURCE, Format, ModelSpec
 
 MODELS_FOLDER = "_models"
+# Written beside a staged model once it is copied whole: what it must hold.
+STAGED_SUFFIX = ".staged.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +49,62 @@ def content_digest(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_of(path: str) -> dict[str, dict]:
+    """Each file of a local file (as "") or folder (relative names): size and sha256."""
+    if os.path.isfile(path):
+        return {"": {"size": os.path.getsize(path), "sha256": _file_sha256(path)}}
+    return {
+        os.path.relpath(file, path): {"size": os.path.getsize(file), "sha256": _file_sha256(file)}
+        for file in sorted(storage.files_under(path))
+    }
+
+
+def _staged_sizes(target: str, folder: bool) -> dict[str, int]:
+    """The size of each staged file, named as ``_files_of`` names them."""
+    (found,) = storage.match_sizes([storage.join(target, "**") if folder else target])
+    if not folder:
+        return {"": found[target]} if target in found else {}
+    prefix = storage.join(target, "")
+    return {
+        path.removeprefix(prefix): size
+        for path, size in found.items()
+        if not (storage.is_local(path) and os.path.isdir(path))
+    }
+
+
 def _stage(local: str, models_dir: str, name: str, dry_run: bool) -> str:
-    """The staged copy of a local file or folder (copied unless it is there already)."""
+    """The staged copy of a local file or folder. A copy is trusted only when the
+    record written after it (``<name>.staged.json``: each file's size and sha256)
+    matches the local files and every staged file has its size: a launch killed
+    while it copied leaves a copy without a record, or a file cut short, and the
+    next launch stages it again."""
     target = storage.join(models_dir, name)
     if dry_run:
         return target
-    if os.path.isfile(local):
-        if not storage.exists(target):
-            storage.copy_file(local, target)
-    elif not storage.exists(storage.join(target, "saved_model.pb")):
+    files, folder = _files_of(local), os.path.isdir(local)
+    sizes = {relative: file["size"] for relative, file in files.items()}
+    record = target + STAGED_SUFFIX
+    if (
+        storage.exists(record)
+        and storage.read_json(record).get("files") == files
+        and _staged_sizes(target, folder) == sizes
+    ):
+        return target
+    if folder:
         storage.copy_tree(local, target)
+    else:
+        storage.copy_file(local, target)
+    if _staged_sizes(target, folder) != sizes:
+        raise OSError(f"staging {local} to {target} left files of other sizes than the originals")
+    storage.write_atomically(record, json.dumps({"files": files}, sort_keys=True).encode())
     return target
 
 

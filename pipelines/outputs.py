@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
+import socket
+import threading
+import time
 from collections import Counter
 
 import pyarrow as pa
@@ -33,6 +38,12 @@ from imgembed.pipelines.plan import RunPlan
 from imgembed.pipelines.shards import PLAN_FOLDER, settings_of
 
 TEMPORARY_PREFIX = ".tmp-"
+LEASE_FILE = "_lease.json"
+LEASE_REFRESH_SECONDS = 30.0
+LEASE_EXPIRY_SECONDS = 180.0
+# Records of shards a run gave up (pipelines/shard_worker.py): kept until the next run.
+FAILED_FOLDER = "_failed"
+_log = logging.getLogger(__name__)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -44,22 +55,32 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_whole(path: str, data: bytes) -> None:
-    """Readers see the whole file or none of it."""
-    if storage.is_local(path):
-        storage.write_atomically(path, data)
-    else:  # an object appears only when its upload completes: no rename (a copy) needed
-        storage.write_bytes(path, data)
-
-
 def write_shard(
     output_dir: str, key: str, tables: dict[str, pa.Table], errors: pa.Table, marker: dict
 ) -> None:
     """The shard's files, then its marker: the marker says the rest is complete."""
     for model, table in tables.items():
-        write_whole(embeddings_path(output_dir, model, key), parquet_bytes(table))
-    write_whole(errors_path(output_dir, key), parquet_bytes(errors))
-    write_whole(marker_path(output_dir, key), json.dumps(marker, sort_keys=True).encode())
+        storage.write_atomically(embeddings_path(output_dir, model, key), parquet_bytes(table))
+    storage.write_atomically(errors_path(output_dir, key), parquet_bytes(errors))
+    storage.write_atomically(marker_path(output_dir, key), json.dumps(marker, sort_keys=True).encode())
+
+
+def failure_path(output_dir: str, key: str) -> str:
+    return storage.join(output_dir, FAILED_FOLDER, f"{key}.json")
+
+
+def write_failure(output_dir: str, key: str, shard, reason: str, attempts: int) -> None:
+    """A shard given up for this run: why, and what it holds (it has no marker)."""
+    record = {"key": key, "reason": reason, "attempts": attempts, "inputs": len(shard.paths)}
+    record["example"] = shard.paths[0] if shard.paths else ""
+    storage.write_atomically(failure_path(output_dir, key), json.dumps(record, sort_keys=True).encode())
+
+
+def read_failures(output_dir: str, keys) -> list[dict]:
+    """The failure records of these shards (those a job gave up)."""
+    paths = [failure_path(output_dir, key) for key in sorted(keys)]
+    found = storage.read_many(paths, lambda path: storage.read_json(path) if storage.exists(path) else None)
+    return [record for record in found if record is not None]
 
 
 def read_marker(output_dir: str, key: str) -> dict | None:
@@ -79,11 +100,75 @@ def delete_shards(output_dir: str, keys: list[str], model_names: list[str]) -> N
 
 
 def delete_leftover_temporaries(output_dir: str, model_names: list[str]) -> None:
-    """Files a killed run was writing when it died (never renamed into place)."""
+    """Files a killed run was writing when it died (never renamed into place); the
+    run's lease (RunLease) says no other run is writing them."""
     folders = [output_dir, storage.join(output_dir, MARKERS)]
     folders += [storage.join(output_dir, name) for name in model_names]
     patterns = [storage.join(folder, TEMPORARY_PREFIX + "*") for folder in folders]
     storage.delete([path for found in storage.match_sizes(patterns) for path in found])
+
+
+class OutputBusy(ValueError):
+    """Another live run holds the output folder."""
+
+
+class RunLease:
+    """One embed run at a time in an output folder: ``OUT/_lease.json`` names the run
+    (host, pid) and is rewritten every LEASE_REFRESH_SECONDS while it runs. A second
+    run stops with a clear message; a lease whose run died (its pid gone, on this
+    host; or not refreshed for LEASE_EXPIRY_SECONDS, from any host) is taken over."""
+
+    def __init__(self, output_dir: str):
+        self._path = storage.join(output_dir, LEASE_FILE)
+        self._me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, name="run-lease", daemon=True)
+
+    def __enter__(self):
+        if storage.exists(self._path):
+            held = storage.read_json(self._path)
+            if _alive(held, self._me):
+                raise OutputBusy(
+                    f"{storage.parent(self._path)} is being written by another imgembed embed "
+                    f"(host {held['host']}, pid {held['pid']}, since {held['since']}); wait for it, or "
+                    f"delete {self._path} if it is gone"
+                )
+        self._me["since"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
+        if storage.exists(self._path) and storage.read_json(self._path).get("pid") == self._me["pid"]:
+            storage.delete([self._path])
+
+    def _write(self) -> None:
+        storage.write_atomically(self._path, json.dumps(self._me | {"refreshed": time.time()}).encode())
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(LEASE_REFRESH_SECONDS):
+            try:
+                self._write()
+            except Exception as error:  # a failed refresh costs nothing until the lease expires
+                _log.debug("refreshing the lease failed: %s", error)
+
+
+def _alive(held: dict, me: dict) -> bool:
+    if time.time() - held.get("refreshed", 0) > LEASE_EXPIRY_SECONDS:
+        return False
+    if held.get("host") != me["host"]:
+        return True
+    if held.get("pid") == me["pid"]:
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def delete_everything(output_dir: str, foreign_markers: list[str], model_names: list[str]) -> None:
@@ -98,7 +183,7 @@ def delete_everything(output_dir: str, foreign_markers: list[str], model_names: 
     patterns = [markers_glob(output_dir), errors_glob(output_dir)]
     patterns += [embeddings_glob(storage.join(output_dir, name)) for name in sorted(names)]
     storage.delete([path for found in storage.match_sizes(patterns) for path in found])
-    for folder in (PLAN_FOLDER, MODELS_FOLDER):
+    for folder in (PLAN_FOLDER, MODELS_FOLDER, FAILED_FOLDER):
         storage.delete_folder(storage.join(output_dir, folder))
     summary = storage.join(output_dir, SUMMARY_FILE)
     if storage.exists(summary):
@@ -185,6 +270,7 @@ class RunSummary:
     run: RunWork
     errors: str
     max_error_rate: float  # the share of failed inputs above which the run failed
+    failed_shards: list[dict] = dataclasses.field(default_factory=list)  # given up this run, unmarked
 
     @classmethod
     def from_markers(
@@ -196,6 +282,7 @@ class RunSummary:
         backends: dict[str, str],
         seconds: float,
         max_error_rate: float,
+        failed_shards: list[dict] = (),
     ) -> RunSummary:
         """``written``: the sum of the markers this run wrote (the job's totals);
         ``kept``: the markers of the committed shards it left alone."""
@@ -236,6 +323,7 @@ class RunSummary:
             run=run,
             errors=errors_glob(output_dir),
             max_error_rate=max_error_rate,
+            failed_shards=list(failed_shards),
         )
 
     @property
@@ -296,8 +384,24 @@ class RunSummary:
             lines.append("ACCOUNTING MISMATCH: some inputs produced neither a row nor an error row")
         return "\n".join(lines)
 
+    def failure_report(self) -> str | None:
+        """Why the run failed, when shards were given up; else None."""
+        if not self.failed_shards:
+            return None
+        inputs = sum(record["inputs"] for record in self.failed_shards)
+        lines = [
+            f"imgembed embed: {len(self.failed_shards)} shards ({inputs} inputs) failed after "
+            f"{self.failed_shards[0]['attempts']} tries and have no rows yet; run the same command "
+            "again to try them again. Every other shard is committed:"
+        ]
+        lines += [
+            f"  {record['key']} ({record['inputs']} inputs, e.g. {record['example']}): {record['reason']}"
+            for record in self.failed_shards[:10]
+        ]
+        return "\n".join(lines)
+
 
 def write_summary(output_dir: str, summary: RunSummary) -> str:
     path = storage.join(output_dir, SUMMARY_FILE)
-    write_whole(path, summary.to_json().encode())
+    storage.write_atomically(path, summary.to_json().encode())
     return path

@@ -15,6 +15,7 @@ not written unless rows and errors account for exactly the inputs it planned.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import time
@@ -56,6 +57,11 @@ DECODE_FAILED = "decode_failed"
 # by image: what fails alone is that image's fault; if every image of a batch
 # fails alone, the model is broken, and the shard is not written.
 MODEL_RETRY_PAUSES = (0.2, 1.0)
+# A shard that fails (a read fault that outlasts its retries, a failing model, a
+# bug) is tried again after each of these pauses (seconds), then given up for this
+# run: reported, not committed.
+SHARD_RETRY_PAUSES = (2.0, 10.0)
+_log = logging.getLogger(__name__)
 
 
 # The lines of TensorFlow's error messages that say where, not what.
@@ -124,6 +130,7 @@ class EmbedShard(beam.DoFn):
         self._decoded = Metrics.counter(METRICS_NAMESPACE, "images_decoded")
         self._written = Metrics.counter(METRICS_NAMESPACE, "shards_written")
         self._skipped = Metrics.counter(METRICS_NAMESPACE, "shards_complete_before")
+        self._failed = Metrics.counter(METRICS_NAMESPACE, "shards_failed")
 
     def setup(self):
         self._reader = ThreadPoolExecutor(READ_AHEAD_FILES, thread_name_prefix="read-ahead")
@@ -140,10 +147,24 @@ class EmbedShard(beam.DoFn):
         marker = outputs.read_marker(self._job.output_dir, key)
         if marker is not None:
             self._skipped.inc()
-        else:
-            marker = self._embed(key, shard)
+            yield marker
+            return
+        for attempt, pause in enumerate((*SHARD_RETRY_PAUSES, None)):
+            try:
+                marker = self._embed(key, shard)
+            except Exception as error:  # noqa: BLE001 - any fault: the shard's, tried again, then reported
+                failure = describe(error)
+                _log.warning("shard %s failed (try %d): %s", key, attempt + 1, failure)
+                if pause is not None:
+                    time.sleep(pause)
+                continue
             self._written.inc()
-        yield marker
+            yield marker
+            return
+        # As img2dataset does: one shard that keeps failing must not stop the others.
+        # It stays without a marker (a rerun tries it again); the launcher lists it.
+        self._failed.inc()
+        outputs.write_failure(self._job.output_dir, key, shard, failure, attempt + 1)
 
     # --- one shard -----------------------------------------------------------------
 
@@ -255,11 +276,22 @@ class EmbedShard(beam.DoFn):
             except Exception as error:  # this image's own failure
                 vectors.append(None)
                 failures.append(describe(error))
-        if len(pixels) > 1 and all(failure is not None for failure in failures):
+        if all(failure is not None for failure in failures) and not self._answers_probe(name, pixels[0]):
+            # Not these images' fault: the model fails on a plain grey image too.
             raise ModelFailing(
-                f"model {name} failed on each of {len(pixels)} images: {describe(last)}"
+                f"model {name} failed on each of {len(pixels)} images and on a probe: {describe(last)}"
             ) from last
         return vectors, failures
+
+    def _answers_probe(self, name: str, like: np.ndarray) -> bool:
+        """Whether the model embeds a plain grey image of the same shape: when every
+        image of a batch failed, it tells an image's own fault (a row) from the
+        model's (a shard to try again), even for a batch of one."""
+        try:
+            self._handlers[name].run_inference([np.full_like(like, 128)], self._models[name])
+        except Exception:  # noqa: BLE001 - whatever it raises, the model is failing
+            return False
+        return True
 
     def _marker(self, key, shard: InputShard, uris, tables, errors, seconds, decoded) -> dict:
         """The shard's counts, once they are proven to account for every planned input."""

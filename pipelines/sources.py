@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgembed.pipelines.shards import InputShard
@@ -70,7 +71,11 @@ class ReadOptions:
     limits: DecodeLimits = DecodeLimits()
     image_column: str | None = None
     metadata_fields: tuple[str, ...] = DEFAULT_METADATA_FIELDS
-    retry_pauses: tuple[float, ...] = RETRY_PAUSES
+    retry_pauses: tuple[float, ...] | None = None  # None: RETRY_PAUSES
+
+    @property
+    def pauses(self) -> tuple[float, ...]:
+        return RETRY_PAUSES if self.retry_pauses is None else self.retry_pauses
 
     def keep(self, fields: dict) -> dict | None:
         """The scalar fields asked for (values that are not text, numbers or
@@ -129,16 +134,40 @@ def read_shard(shard: InputShard, options: ReadOptions, reader: ThreadPoolExecut
     """Every input of the shard, in the shard's order."""
     if shard.kind == "files":
         yield from _image_files(shard, options, reader)
-        return
-    (path,) = shard.paths
-    opened = with_retries(lambda: _open(path), path, options.retry_pauses)
-    with opened as file:
-        if shard.kind == "tfrecord":
-            yield from _tfrecord_images(path, file, options)
-        elif shard.kind == "webdataset":
-            yield from _webdataset_images(path, file, options)
-        else:
-            yield from _parquet_images(path, file, options)
+    else:
+        yield from _container(shard.kind, shard.paths[0], options)
+
+
+def _container(kind: str, path: str, options: ReadOptions) -> Iterator[Record]:
+    """The records of a container, read whole or not at all: a read that fails for a
+    reason other than the container's own bytes (a reset connection, a throttled
+    read), at its start or in its middle, reads the container again after a pause,
+    from where it stopped (records come in the same order every time), and raises
+    ShardUnreadable when it outlasts the retries. Bytes that are not the format
+    (a bad CRC, a broken tar header) are the container's own fault: one
+    ``corrupt_container`` row for what could not be read."""
+    records = {"tfrecord": _tfrecord_images, "webdataset": _webdataset_images, "parquet": _parquet_images}[
+        kind
+    ]
+    delivered = 0
+    for attempt in range(len(options.pauses) + 1):
+        try:
+            with _open(path) as file:
+                for number, record in enumerate(records(path, file, options)):
+                    if number >= delivered:
+                        delivered += 1
+                        yield record
+            return
+        except Exception as error:  # every filesystem raises its own kinds
+            if is_missing(error) and delivered == 0:
+                yield Record(path, ImageError(NOT_FOUND, f"{path} is gone: {error}"))
+                return
+            if attempt == len(options.pauses):
+                raise ShardUnreadable(
+                    f"cannot read {path} (after {delivered} records): {type(error).__name__}: {error}"
+                ) from error
+            _log.info("reading %s failed after %d records (%s); reading it again", path, delivered, error)
+            time.sleep(options.pauses[attempt])
 
 
 # --- image files -------------------------------------------------------------
@@ -148,7 +177,7 @@ def _sidecar_metadata(paths: tuple[str, ...], options: ReadOptions) -> dict | No
     """img2dataset's ``.json`` (its fields) and ``.txt`` (the caption) beside an image."""
     fields: dict = {}
     for path in paths:
-        text = with_retries(lambda path=path: _read_all(path), path, options.retry_pauses).decode(
+        text = with_retries(lambda path=path: _read_all(path), path, options.pauses).decode(
             "utf-8", "replace"
         )
         if path.endswith(".json"):
@@ -187,7 +216,7 @@ def _local_files(shard: InputShard, options: ReadOptions):
         try:
             check_file_size(size, options.limits)
             # Closed in oldest(), after the read.
-            file = with_retries(lambda: open(path, "rb"), path, options.retry_pauses)  # noqa: SIM115
+            file = with_retries(lambda: open(path, "rb"), path, options.pauses)  # noqa: SIM115
         except ImageError as error:
             return path, error
         if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the OS's own read-ahead
@@ -200,7 +229,7 @@ def _local_files(shard: InputShard, options: ReadOptions):
             return path, file
         with file:
             try:
-                return path, with_retries(file.read, path, options.retry_pauses)
+                return path, with_retries(file.read, path, options.pauses)
             except ImageError as error:
                 return path, error
 
@@ -219,7 +248,7 @@ def _local_files(shard: InputShard, options: ReadOptions):
 
 def _read_checked(path: str, size: int, options: ReadOptions) -> bytes:
     check_file_size(size, options.limits)
-    return with_retries(lambda: _read_all(path), path, options.retry_pauses)
+    return with_retries(lambda: _read_all(path), path, options.pauses)
 
 
 def _files_in_threads(shard: InputShard, options: ReadOptions, reader: ThreadPoolExecutor):
@@ -268,19 +297,25 @@ def _tfrecord_images(path: str, file, options: ReadOptions):
     """tf.train.Example records with an ``image/encoded`` bytes feature; the other
     features (text and numbers of one value) are the record's metadata."""
     from apache_beam.io.tfrecordio import _TFRecordUtil
+    from google.protobuf.message import DecodeError
     from tensorflow.core.example import example_pb2
 
     index = 0
     while True:
         try:
             record = _TFRecordUtil.read_record(file)
-        except Exception as error:  # a bad length or CRC: the rest of the file is lost
+        except ValueError as error:  # a bad length or CRC: the rest of the file is lost
             message = f"TFRecord unreadable from record {index}: {error}"
             yield Record(f"{path}#{index}", ImageError(CORRUPT_CONTAINER, message))
             return
         if record is None:
             return
-        features = example_pb2.Example.FromString(record).features.feature
+        try:
+            features = example_pb2.Example.FromString(record).features.feature
+        except DecodeError as error:  # a record of another kind: that record's fault
+            yield Record(f"{path}#{index}", ImageError(NO_IMAGE, f"not a tf.train.Example: {error}"))
+            index += 1
+            continue
         values = features[TFRECORD_IMAGE].bytes_list.value if TFRECORD_IMAGE in features else []
         data = values[0] if values else ImageError(NO_IMAGE, f"no {TFRECORD_IMAGE} feature")
         fields = {
@@ -337,7 +372,7 @@ def _webdataset_images(path: str, file, options: ReadOptions):
                         yield from sample_records(key, members)
                     key, members = member_key, {}
                 members[extension.lower()] = archive.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as error:
+    except (tarfile.TarError, EOFError) as error:  # the archive's own bytes; a failed read is retried
         if key is not None:
             yield from sample_records(key, members)
         yield Record(f"{path}#<rest>", ImageError(CORRUPT_CONTAINER, f"tar archive unreadable: {error}"))
@@ -349,7 +384,7 @@ def _webdataset_images(path: str, file, options: ReadOptions):
 def _parquet_images(path: str, file, options: ReadOptions):
     try:
         parquet = pq.ParquetFile(file)
-    except Exception as error:  # pyarrow raises ArrowInvalid and friends on junk
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:  # junk; a failed read is retried
         yield Record(path, ImageError(CORRUPT_CONTAINER, f"not a Parquet file: {error}"))
         return
     names = parquet.schema_arrow.names
@@ -363,7 +398,17 @@ def _parquet_images(path: str, file, options: ReadOptions):
     every = "*" in options.metadata_fields
     others = [name for name in names if name != chosen and (every or name in options.metadata_fields)]
     row = 0
-    for batch in parquet.iter_batches(columns=[chosen, *others], batch_size=256):
+    batches = parquet.iter_batches(columns=[chosen, *others], batch_size=256)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:  # a damaged page: the rest is lost
+            yield Record(
+                f"{path}#{row}", ImageError(CORRUPT_CONTAINER, f"Parquet unreadable from row {row}: {error}")
+            )
+            return
+        if batch is None:
+            return
         images = batch.column(0).to_pylist()
         fields = batch.select(others).to_pylist() if others else [{}] * len(images)
         for value, metadata in zip(images, fields, strict=True):

@@ -13,7 +13,9 @@ response models document them; validating every hit again cost more than faiss).
 # No `from __future__ import annotations`: FastAPI reads the route signatures'
 # types, some of them made in create_app from this index's limits.
 
+import asyncio
 import importlib.resources
+import os
 import re
 import time
 from typing import Annotated, Any
@@ -35,7 +37,18 @@ MAX_JSON_BYTES = 2 * 2**20
 # Multipart framing around an uploaded image.
 MULTIPART_OVERHEAD = 64 * 1024
 IMAGE_ROUTE = "/v1/search/image"
-ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+# Uploads a worker holds at once, per image thread: a batch being embedded and the next.
+MAX_UPLOADS_PER_THREAD = 16
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+# A request body that stops arriving for this long is answered 408.
+BODY_SECONDS = 30
+ERROR_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "timeout",
+    413: "too_large",
+}
 ERROR_CODES |= {415: "unsupported_media_type", 422: "bad_request", 503: "unavailable"}
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -80,7 +93,8 @@ def errors(*statuses: int) -> dict:
         413: "The body is over its limit.",
         415: "The body is not of the media type this route takes.",
         422: "The request does not match this document (a missing or malformed field, a value out of range).",
-        503: "Image search is off: the index's model cannot be loaded.",
+        503: "Image search is off (the index's model cannot be loaded), or the worker holds as many "
+        "uploads as it takes (code busy; Retry-After says when to try again).",
     }
     return {status: {"model": ErrorBody, "description": descriptions[status]} for status in statuses}
 
@@ -149,7 +163,12 @@ class BodySizeLimit:
             )
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            try:  # a body sent a byte at a time must not hold the connection for good
+                message = await asyncio.wait_for(receive(), BODY_SECONDS)
+            except TimeoutError:
+                return await error_response(408, "body_too_slow", f"no body bytes for {BODY_SECONDS} s")(
+                    scope, receive, send
+                )
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
@@ -202,6 +221,48 @@ class RequestMetrics:
             self.latency.labels(name).observe(time.perf_counter() - started)
 
 
+def _scraped(registry: CollectorRegistry) -> CollectorRegistry:
+    """What one scrape reports: every worker's counts when the service runs several
+    (prometheus_client's multiprocess mode: each worker writes its values to files
+    in PROMETHEUS_MULTIPROC_DIR, set by `imgembed serve`, and they are summed here),
+    else this process's own."""
+    if not os.environ.get(MULTIPROCESS_VARIABLE):
+        return registry
+    from prometheus_client import multiprocess
+
+    every_worker = CollectorRegistry()
+    multiprocess.MultiProcessCollector(every_worker)
+    return every_worker
+
+
+class UploadGate:
+    """ASGI middleware: at most ``limit`` image uploads in a worker at once; the next
+    get 503 with Retry-After before their body is read, so a burst cannot run the
+    worker out of memory (each holds its upload until it is answered)."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+        self.inside = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != IMAGE_ROUTE:
+            return await self.app(scope, receive, send)
+        if self.inside >= self.limit:
+            busy = error_response(
+                503,
+                "busy",
+                f"{self.limit} images are being searched in this worker; try again in a second",
+                headers={"Retry-After": "1"},
+            )
+            return await busy(scope, receive, send)
+        self.inside += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.inside -= 1
+
+
 def _filters(pairs: list[str] | None, fields: list[str]) -> dict[str, str]:
     """``field=value`` query parameters -> a filter."""
     filters = {}
@@ -238,6 +299,8 @@ def create_app(live: LiveIndex) -> FastAPI:
             limits.max_upload_bytes + MULTIPART_OVERHEAD if path == IMAGE_ROUTE else MAX_JSON_BYTES
         ),
     )
+    if searcher.images is not None and searcher.images.model is not None:
+        app.add_middleware(UploadGate, limit=MAX_UPLOADS_PER_THREAD * searcher.images.threads)
     app.add_middleware(RequestMetrics, requests=requests, latency=latency)
 
     @app.exception_handler(QueryError)
@@ -324,7 +387,7 @@ def create_app(live: LiveIndex) -> FastAPI:
     async def home():
         return page
 
-    @app.get("/health", response_model=Health)
+    @app.api_route("/health", methods=["GET", "HEAD"], response_model=Health)
     async def health():
         current = live.current
         return {
@@ -387,13 +450,14 @@ def create_app(live: LiveIndex) -> FastAPI:
         @app.post(
             IMAGE_ROUTE,
             response_model=Results,
-            responses=errors(400, 413, 415, 422),
+            responses=errors(400, 413, 415, 422, 503),
             dependencies=media_type("multipart/form-data"),
         )
         async def search_image(
             image: UploadFile = File(
                 ...,
-                description=f"An image file (JPEG, PNG, WebP...) of at most {limits.max_upload_bytes} bytes.",
+                description=f"An image file (JPEG, PNG, WebP...) of 1 to {limits.max_upload_bytes} bytes.",
+                json_schema_extra={"minLength": 1, "maxLength": limits.max_upload_bytes},
             ),
             k: K = 10,
             collapse_duplicates: Collapse = False,
@@ -406,7 +470,7 @@ def create_app(live: LiveIndex) -> FastAPI:
             return OrjsonResponse({"metric": current.metric.value, "results": hits})
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    def metrics():  # reads every worker's files: in the thread pool
+        return Response(generate_latest(_scraped(registry)), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -11,8 +11,9 @@ Python answers other requests (it releases the GIL).
 
 Only queries of one searcher (index version) and one ``fetch`` share a call, so
 an answer never depends on what else was asked (a larger k re-ranks more
-candidates in some indexes). Filtered searches, each with its own selector, run
-at once on the loop.
+candidates in some indexes). Filtered searches, each with its own selector (and
+maybe a scan of every list), run on the same thread, one call each, never on the
+loop.
 
 Image queries queue the same way for the image threads (one per core the worker
 has): a free thread takes a share of the uploads waiting, and ``search_images``
@@ -44,9 +45,9 @@ class SearchBatcher:
         self._drainer: asyncio.Task | None = None  # referenced, so that it is not collected midway
 
     async def answer(self, searcher: Searcher, query: Query) -> list[list[dict]]:
-        if query.matching is not None:
-            return searcher.answer(query)
         loop = asyncio.get_running_loop()
+        if query.matching is not None:  # its own selector, maybe a scan of every list: off the loop
+            return await loop.run_in_executor(self._thread, searcher.answer, query)
         future = loop.create_future()
         self._queued.append((searcher, query, future))
         if not self._running:

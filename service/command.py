@@ -18,7 +18,9 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from imgembed.common.units import parse_size
 from imgembed.index.vectors import IndexInputError
@@ -63,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
         help=f"Most vectors in one search ({defaults.max_batch}).",
     )
     p.add_argument("--max-upload-bytes", default="10MiB", help="Largest uploaded image (10MiB).")
+    p.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=30.0,
+        help="A worker whose event loop has not turned for this many seconds is killed and replaced (30).",
+    )
     p.add_argument(
         "--max-image-pixels",
         type=int,
@@ -117,6 +125,10 @@ def main(argv: list[str]) -> int:
         limits = Limits(args.max_k, args.max_batch, parse_size(args.max_upload_bytes), args.max_image_pixels)
         if args.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        if args.worker_timeout <= 0:
+            raise ValueError(f"--worker-timeout must be positive, got {args.worker_timeout}")
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be a TCP port, 0 to 65535, got {args.port}")
         # Opened once here first: a bad index stops the command with one line, not every worker.
         checked = LiveIndex(args.index, limits, load_image_model=False)
         sockets = workers.listening_sockets(args.host, args.port, args.workers)
@@ -148,9 +160,16 @@ def main(argv: list[str]) -> int:
     config = {
         "app": "imgembed.service.command:app_from_environment",
         "factory": True,
-        "http": "httptools",
+        "http": workers.TimelyHttp,
         "loop": "uvloop",
         "log_level": "warning",
         "access_log": False,
     }
-    return workers.run(config, sockets)
+    # Every worker's metrics in files of one folder, summed by whichever worker is
+    # scraped (service/app.py); set before any worker imports prometheus_client.
+    metrics_dir = tempfile.mkdtemp(prefix="imgembed-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        return workers.run(config, sockets, hung_seconds=args.worker_timeout)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

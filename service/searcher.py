@@ -99,7 +99,8 @@ class ImageModel:
         if self.preprocessing is None:
             return
         try:
-            self.model = load_model(ModelSpec.from_metadata(manifest["model"]), threads=threads)
+            backend = manifest.get("backend") or "auto"  # as the corpus was embedded
+            self.model = load_model(ModelSpec.from_metadata(manifest["model"]), backend, threads=threads)
             # The first call traces and allocates; do it now, not in the first requests.
             size = self.model.spec.image_size
             self.model(np.zeros([1, size, size, 3], np.float32))
@@ -447,26 +448,35 @@ class LiveIndex:
         self.index_dir = index_dir
         self.limits = limits
         self.current = Searcher.open(index_dir, limits, load_image_model, image_threads)
+        self._image_threads = image_threads
         self._lock = threading.Lock()
+        self._refused: str | None = None  # a version this service cannot serve: not opened again
 
     def refresh(self) -> bool:
-        """True when a new version was opened and swapped in."""
+        """True when a new version was opened and swapped in. A version of another
+        model is served with that model, loaded here first; one of another dimension
+        changes this service's contract (its OpenAPI document): it is refused once,
+        with a warning, and the service needs a restart to serve it."""
         with self._lock:
             version = store.current_version(self.index_dir)
-            if version is None or version == self.current.version:
+            if version is None or version in (self.current.version, self._refused):
                 return False
             old = self.current
             loaded = store.load(self.index_dir, mmap=True)
-            if loaded.manifest.get("model") != old.loaded.manifest.get("model") or (
-                loaded.manifest.get("embedding_dimension") != old.loaded.manifest.get("embedding_dimension")
-            ):
+            manifest, before = loaded.manifest, old.loaded.manifest
+            if manifest.get("embedding_dimension") != before.get("embedding_dimension"):
+                self._refused = version
                 _log.warning(
-                    "the new version %s of %s has another model or dimension; restart the service to serve it",
+                    "the new version %s of %s has vectors of another dimension; restart the service to serve it",
                     version,
                     self.index_dir,
                 )
                 return False
-            self.current = Searcher(loaded, self.limits, old.images)
+            images = old.images
+            same = all(manifest.get(key) == before.get(key) for key in ("model", "preprocessing", "backend"))
+            if images is not None and not same:
+                images = ImageModel(manifest, self.limits, self._image_threads)
+            self.current = Searcher(loaded, self.limits, images)
             _log.info("now serving version %s of %s (%d items)", version, self.index_dir, self.current.count)
             return True
 

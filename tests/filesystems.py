@@ -5,6 +5,8 @@ only in this process, so they serve the in-process runner."""
 
 from __future__ import annotations
 
+import io
+import os
 import threading
 import time
 
@@ -83,3 +85,51 @@ class DeniedFileSystem(RemoteLookingFileSystem):
         if DeniedFileSystem.denying and "denied" in path.rsplit("/", 1)[-1]:
             raise PermissionError(f"403 Forbidden: {path}")
         return super().open(path, *args, **kwargs)
+
+
+class _CutReads(io.RawIOBase):
+    """A file whose reads fail once they pass ``cut`` bytes, as a connection reset in
+    the middle of a download does."""
+
+    def __init__(self, file, cut: int, path: str):
+        self._file, self._cut, self._path = file, cut, path
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return self._file.seekable()
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self._file.seek(offset, whence)
+
+    def tell(self):
+        return self._file.tell()
+
+    def readinto(self, buffer):
+        if self._file.tell() + len(buffer) > self._cut:
+            raise ConnectionResetError(f"connection reset while reading {self._path}")
+        data = self._file.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self):
+        self._file.close()
+        super().close()
+
+
+class CutFileSystem(RemoteLookingFileSystem):
+    """Reads fail half way through a file: the first time each file is read, or every
+    time for a file whose name contains "broken" (a fault that does not pass)."""
+
+    SCHEME = "cut"
+    cut: set[str] = set()
+
+    def open(self, path, *args, **kwargs):
+        file = super().open(path, *args, **kwargs)
+        name = path.rsplit("/", 1)[-1]
+        if "broken" in name or path not in CutFileSystem.cut:
+            CutFileSystem.cut.add(path)
+            size = os.path.getsize(self.local(path))
+            return io.BufferedReader(_CutReads(file, size // 2, path))
+        return file

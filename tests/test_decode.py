@@ -212,3 +212,34 @@ def test_original_size_is_upright_after_a_quarter_turn():
 def test_non_jpeg_formats_ignore_the_reduced_scale():
     image = decode_image(encode(photo_like(10, 900, 600), "PNG"), LIMITS, min_side=100)
     assert image.size == image.info["original_size"] == (900, 600)
+
+
+SWEEP_FORMATS = {
+    "JPEG": {"quality": 90},
+    "PNG": {},
+    "WEBP": {"quality": 80},
+    "BMP": {},
+    "GIF": {},
+    "TIFF": {},
+}
+CUTS = 17
+
+
+def truncation_sweep() -> list[tuple[str, int, bytes]]:
+    """(format, cut, the file cut there): each format cut at 17 points spread over it."""
+    from fixtures.images import encode, photo_like
+
+    cases = []
+    for name, options in SWEEP_FORMATS.items():
+        whole = encode(photo_like(7, 160, 120), name, **options)
+        for cut in range(CUTS):
+            cases.append((name, cut, whole[: max(1, len(whole) * cut // CUTS)]))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "cut", "data"), truncation_sweep(), ids=lambda value: str(value)[:8])
+def test_every_cut_of_every_format_decodes_or_says_why(name, cut, data):
+    try:
+        decode_image(data, DecodeLimits())
+    except ImageError as error:
+        assert error.reason in ("truncated", "corrupt", "not_an_image", "unsupported_format"), error

@@ -549,3 +549,152 @@ def test_fast_scan_lists_are_refilled_not_removed_from_as_faiss_corrupts_them():
     index.nprobe = 32
     _, found = index.search(vectors[6000:], 1)
     assert np.mean(found[:, 0] == np.arange(6000, 6500)) < 0.9
+
+
+def test_embeddings_of_another_tool_with_only_id_uri_and_embedding_index_and_serve(tmp_path):
+    import pyarrow as pa
+
+    from imgembed.common.embedding_files import image_id
+    from imgembed.service.searcher import Searcher
+
+    vectors = StructuredVectors(32, seed=9).chunk(0, 300)
+    uris = [f"s3://bucket/{n}.jpg" for n in range(300)]
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    table = pa.table(
+        {
+            "id": [image_id(uri) for uri in uris],
+            "uri": uris,
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 32),
+        }
+    )
+    pq.write_table(table.slice(0, 200), folder / "embeddings-a.parquet")
+    assert command.main(["--embeddings", str(folder), "--output", str(tmp_path / "index")]) == 0
+    pq.write_table(table.slice(200), folder / "embeddings-b.parquet")
+    assert command.main(["--sync", "--embeddings", str(folder), "--output", str(tmp_path / "index")]) == 0
+    searcher = Searcher.open(str(tmp_path / "index"))
+    item = searcher.item(image_id(uris[250]))
+    assert item["uri"] == uris[250] and item["metadata"] == {} and item["sha256"] is None
+    assert searcher.neighbours(image_id(uris[3]), 5)[0]["uri"] in uris
+
+
+PUBLISH_KILLER = """
+import os, sys
+from imgembed.common import storage
+from imgembed.index import command, store
+
+kill_at, calls, publishing = int(sys.argv[1]), [0], [False]
+
+def step(function):
+    def dies_at_its_turn(*args, **kwargs):
+        if publishing[0]:
+            calls[0] += 1
+            if calls[0] == kill_at:
+                os._exit(9)  # as kill -9: nothing runs after it
+        return function(*args, **kwargs)
+    return dies_at_its_turn
+
+for name in ("write_bytes", "delete_folder", "copy_tree", "read_bytes", "exists"):
+    setattr(storage, name, step(getattr(storage, name)))
+os.replace = step(os.replace)
+publish = store.NewVersion.publish
+def counted_publish(self):
+    publishing[0] = True
+    publish(self)
+store.NewVersion.publish = counted_publish
+code = command.main(sys.argv[2:])
+print("steps", calls[0])
+sys.exit(code)
+"""
+
+
+def test_a_kill_at_any_step_of_a_publish_leaves_the_old_or_the_new_version_live(tmp_path):
+    import subprocess
+    import sys
+
+    write_synthetic_embeddings(str(tmp_path / "e"), count=500, dim=16, files=1)
+    index = str(tmp_path / "index")
+    build_argv = ["--embeddings", str(tmp_path / "e"), "--output", index, "--index-type", "Flat"]
+    assert command.main(build_argv) == 0
+    script = tmp_path / "killer.py"
+    script.write_text(PUBLISH_KILLER)
+
+    def rebuild(kill_at: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(script), str(kill_at), *build_argv, "--overwrite", "--no-near-duplicates"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    whole = rebuild(0)
+    steps = int(whole.stdout.split("steps")[-1])
+    assert whole.returncode == 0 and steps >= 4, whole.stdout
+    for kill_at in range(1, steps + 1):
+        before = store.current_version(index)
+        killed = rebuild(kill_at)
+        assert killed.returncode == -9 or killed.returncode == 9, (kill_at, killed.stderr[-2000:])
+        after = store.load(index)  # never "not an index folder": the version before, or the new one
+        assert after.count == 500 and after.version >= before, kill_at
+
+
+def test_a_budget_too_small_to_train_is_refused_before_faiss_is_asked(tmp_path, capfd):
+    write_synthetic_embeddings(str(tmp_path / "e"), count=31, dim=64, files=1)
+    argv = ["--embeddings", str(tmp_path / "e"), "--output", str(tmp_path / "index"), "--max-memory", "1K"]
+    assert command.main(argv) == 2
+    err = capfd.readouterr().err
+    assert "--max-memory 1.0 KiB is too small for an index of 31 vectors" in err and "give it at least" in err
+    assert "clustering" not in err and not (tmp_path / "index").exists()
+
+
+def test_embeddings_preprocessed_otherwise_are_not_mixed_into_an_index(tmp_path):
+    vectors = StructuredVectors(16, seed=2).chunk(0, 400)
+    crop, pad = {"resize": "crop", "central_fraction": 1.0}, {"resize": "pad", "central_fraction": 1.0}
+    write_embeddings(str(tmp_path / "a"), vectors[:300], preprocessing=crop)
+    uris = [f"synthetic://other/{n}" for n in range(100)]
+    write_embeddings(str(tmp_path / "b"), vectors[300:], uris, preprocessing=pad)
+    config = IndexConfig(factory="Flat")
+    build(EmbeddingSource(str(tmp_path / "a")), str(tmp_path / "index"), config)
+    with pytest.raises(IndexInputError, match="another preprocessing"):
+        add_to_index(str(tmp_path / "index"), [str(tmp_path / "b")], config)
+    with pytest.raises(IndexInputError, match="mixed preprocessing"):
+        EmbeddingSource([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_two_syncs_at_once_publish_one_and_refuse_the_other_with_the_reason(tmp_path):
+    import threading
+
+    write_synthetic_embeddings(str(tmp_path / "e"), count=2000, dim=16, files=2, seed=3)
+    index = str(tmp_path / "index")
+    assert (
+        command.main(["--embeddings", str(tmp_path / "e"), "--output", index, "--index-type", "IVF8,Flat"])
+        == 0
+    )
+    write_synthetic_embeddings(str(tmp_path / "x"), count=500, dim=16, files=1, seed=4)
+    write_synthetic_embeddings(str(tmp_path / "y"), count=700, dim=16, files=1, seed=5)
+    started, results = threading.Barrier(2), {}
+    publish = store.NewVersion.publish
+
+    def slow_publish(self):  # both have read the live version before either publishes
+        started.wait()
+        publish(self)
+
+    def add(folder):
+        try:
+            results[folder] = add_to_index(index, [str(tmp_path / folder)], IndexConfig())["count"]
+        except store.ConcurrentUpdate as refused:
+            results[folder] = str(refused)
+
+    store.NewVersion.publish = slow_publish
+    try:
+        threads = [threading.Thread(target=add, args=(folder,)) for folder in ("x", "y")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        store.NewVersion.publish = publish
+    counts = sorted(value for value in results.values() if isinstance(value, int))
+    refusals = [value for value in results.values() if isinstance(value, str)]
+    assert len(counts) == 1 and counts[0] in (2500, 2700) and store.load(index).count == counts[0]
+    assert len(refusals) == 1 and "was published by another writer" in refusals[0], results

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pathlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -250,3 +251,83 @@ def test_embed_index_and_query_run_end_to_end_on_object_storage(gcs, tmp_path, c
     assert index_command.main(rebuild) == 0, capsys.readouterr().err
     newer = storage.read_bytes(storage.join(index, "CURRENT")).decode()
     assert store.version_names(index) == [version, newer]
+
+
+def test_a_staged_model_cut_short_or_without_its_record_is_staged_again(tmp_path):
+    from imgembed.models.loading import PreparedModel, resolve_spec
+    from imgembed.pipelines.model_staging import STAGED_SUFFIX, stage
+
+    model = tiny_models.save_tflite(str(tmp_path / "tiny.tflite"))
+    prepared = PreparedModel(resolve_spec(model), "tflite", None, None)
+    output = str(tmp_path / "out")
+    staged = stage(prepared, output).runtime.source
+    whole = pathlib.Path(staged).read_bytes()
+    assert whole == pathlib.Path(model).read_bytes() and os.path.exists(staged + STAGED_SUFFIX)
+
+    pathlib.Path(staged).write_bytes(whole[: len(whole) // 2])  # a launch killed while it copied
+    assert stage(prepared, output).runtime.source == staged
+    assert pathlib.Path(staged).read_bytes() == whole
+    os.remove(staged + STAGED_SUFFIX)  # copied, but killed before its record
+    pathlib.Path(staged).write_bytes(whole[:-1] + b"x")  # of the right size, other bytes
+    stage(prepared, output)
+    assert pathlib.Path(staged).read_bytes() == whole
+
+
+def test_a_container_cut_mid_read_is_read_again_and_a_poison_shard_fails_alone(tmp_path, capsys, monkeypatch):
+    from imgembed.pipelines import shard_worker, sources
+    from tests.filesystems import CutFileSystem
+    from tests.test_sources import write_containers
+
+    monkeypatch.setattr(sources, "RETRY_PAUSES", (0.0, 0.0))
+    monkeypatch.setattr(shard_worker, "SHARD_RETRY_PAUSES", (0.0,))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = write_containers(folder, 30)
+    os.rename(folder / names["webdataset"], folder / "broken.tar")  # its reads fail half way, always
+    write_photos(folder / "photos", [f"{n}.jpg" for n in range(4)])
+    model = tiny_models.save_tflite(str(tmp_path / "tiny.tflite"))
+    argv = [
+        f"--input={CutFileSystem.SCHEME}://{folder}/*",
+        f"--input={CutFileSystem.SCHEME}://{folder}/photos",
+    ]
+    argv += [f"--output={tmp_path}/out", f"--model={model}"] + IN_PROCESS
+    assert embed.main(argv) == 1
+    err = capsys.readouterr().err
+    assert (
+        "1 shards (1 inputs) failed after 2 tries" in err
+        and "broken.tar" in err
+        and "ConnectionResetError" in err
+    )
+
+    rows = read_tables(embeddings_glob(str(tmp_path / "out" / "tiny")))["uri"].to_pylist()
+    errors = read_tables(errors_glob(str(tmp_path / "out")))
+    assert not len(errors)  # the cut reads were read again, not taken for corrupt containers
+    assert sorted(uri.rsplit("/", 1)[-1].split("#")[0] for uri in rows) == sorted(
+        ["c.tfrecord"] * 30 + ["c.parquet"] * 30 + [f"{n}.jpg" for n in range(4)]
+    )
+    markers = storage.list_files(str(tmp_path / "out" / "_shards" / "*.json"))
+    assert len(markers) == 3  # every shard but the broken one, which a rerun tries again
+    summary = embed.run(argv)
+    assert summary.run.shards_kept == 3 and len(summary.failed_shards) == 1
+
+
+def test_a_distributed_add_through_a_transform_reaches_workers_that_share_nothing(gcs, tmp_path):
+    from fixtures.synthetic_vectors import write_synthetic_embeddings
+    from imgembed.index import command as index_command
+
+    why_not = can_isolate()
+    if why_not and not os.environ.get("IMGEMBED_REQUIRE_TOOLS"):
+        pytest.skip(why_not)
+    root = gcs.url("transform-add")
+    write_synthetic_embeddings(str(tmp_path / "first"), count=600, dim=32, files=2, seed=1)
+    write_synthetic_embeddings(str(tmp_path / "later"), count=300, dim=32, files=1, seed=2)
+    for name in ("first", "later"):
+        storage.copy_tree(str(tmp_path / name), f"{root}/{name}")
+    index = f"{root}/index"
+    build = ["--embeddings", f"{root}/first", "--output", index, "--dims", "8", "--index-type", "IVF4,Flat"]
+    assert index_command.main(build + ["--no-transform-report"]) == 0
+    with isolated_workers(gcs.env, gcs.credentials_json) as runner:
+        added = ["--add", "--embeddings", f"{root}/later", "--output", index, "--distributed"]
+        assert index_command.main(added + [f"--temp_location={root}/tmp", *runner]) == 0
+    loaded = store.load(index)
+    assert loaded.count == 900 and loaded.manifest["transform"]["output_dim"] == 8

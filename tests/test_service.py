@@ -12,6 +12,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -28,6 +29,8 @@ from tests.servers import serve
 
 BIN = os.path.dirname(sys.executable)
 CORPUS = sorted(path for pattern in default_corpus_patterns() for path in glob.glob(pattern))
+# A worker's peak resident memory under a burst of uploads (README: the service's limits).
+MAX_WORKER_RSS = 1536 * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -356,3 +359,98 @@ def test_an_index_without_a_loadable_model_still_serves_vectors(built, tmp_path)
     assert caught.value.status == 503
     vector = np.asarray([corpus_rows(built)[0]["embedding"]])
     assert len(searcher.search_vectors(vector, 3)[0]) == 3
+
+
+def test_every_cut_of_every_format_is_a_4xx_with_the_reason_the_pipeline_writes(client, tmp_path):
+    from tests.test_decode import truncation_sweep
+
+    folder = tmp_path / "cuts"
+    folder.mkdir()
+    answered = {}
+    for name, cut, data in truncation_sweep():
+        file_name = f"{name.lower()}-{cut:02d}.{name.lower()}"
+        (folder / file_name).write_bytes(data)
+        response = client.post("/v1/search/image", files={"image": (file_name, data)}, params={"k": 1})
+        assert response.status_code < 500, (file_name, response.text)
+        answered[file_name] = "ok" if response.status_code == 200 else response.json()["error"]["code"]
+    summary = embed.run([f"--input={folder}", f"--output={tmp_path / 'out'}", "--runner=DirectRunner"])
+    assert summary.inputs == len(answered) == 6 * 17
+    errors = pq.read_table(glob.glob(str(tmp_path / "out" / "errors-*.parquet"))[0]).to_pylist()
+    written = {os.path.basename(row["uri"]): row["reason"] for row in errors}
+    assert {name: written.get(name, "ok") for name in answered} == answered
+
+
+def worker_pids(url: str, workers: int = 2) -> set[int]:
+    """The worker processes of a service, found by the connections they hold."""
+    import urllib.parse
+
+    from tests.servers import connections_by_process
+
+    port = urllib.parse.urlsplit(url).port
+    clients = [httpx.Client(base_url=url) for _ in range(16)]
+    try:
+        for client in clients:
+            client.get("/health")
+        return set(connections_by_process(port))
+    finally:
+        for client in clients:
+            client.close()
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.slow
+def test_a_burst_of_200_uploads_of_5mb_is_answered_or_told_to_retry_and_memory_stays_bounded(built, tmp_path):
+    import asyncio
+    import io
+    import threading
+
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (1800, 2400, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "JPEG", quality=97)
+    upload = buffer.getvalue()
+    assert 5e6 <= len(upload) <= 10 * 2**20, len(upload)
+    log = tmp_path / "serve.log"
+    with serve(built / "index", "--workers", "2", log_path=log) as url:
+        pids = worker_pids(url)
+        peak = dict.fromkeys(pids, 0)
+        done = threading.Event()
+
+        def watch_memory():
+            while not done.is_set():
+                for pid in pids:
+                    peak[pid] = max(peak[pid], rss_bytes(pid))
+                time.sleep(0.05)
+
+        async def burst():
+            limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+                responses = await asyncio.gather(
+                    *(
+                        client.post("/v1/search/image", files={"image": ("big.jpg", upload)}, params={"k": 1})
+                        for _ in range(200)
+                    )
+                )
+            return responses
+
+        watcher = threading.Thread(target=watch_memory)
+        watcher.start()
+        try:
+            responses = asyncio.run(burst())
+        finally:
+            done.set()
+            watcher.join()
+        assert worker_pids(url) == pids  # no worker died
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 16, statuses
+    assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+    assert max(peak.values()) < MAX_WORKER_RSS, {
+        pid: f"{value / 2**20:.0f} MiB" for pid, value in peak.items()
+    }
+    assert "died" not in log.read_text() and "killing" not in log.read_text()

@@ -502,3 +502,51 @@ def test_searches_batched_together_answer_as_each_alone(catalogue, kind):
         )
 
     assert [str(error) for error in asyncio.run(failing())] == ["faiss failed"] * 3
+
+
+def test_one_scrape_counts_the_requests_of_every_worker_and_a_hung_worker_is_replaced(catalogue, tmp_path):
+    import urllib.parse
+
+    index = build(catalogue, "flat", "--index-type", "Flat")
+    log = tmp_path / "serve.log"
+    ids = [image_id(uris_of(row)) for row in range(0, 6000, 13)]
+    with serve(index, "--workers", "2", "--worker-timeout", "3", log_path=log) as url:
+        with wrk_load(url, ids, tmp_path) as load:
+            time.sleep(4)
+        scraped = httpx.get(f"{url}/metrics", timeout=30).text
+        counted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in scraped.splitlines()
+            if line.startswith("imgembed_http_requests_total{") and 'route="/v1/neighbors/{image_id}"' in line
+        )
+        assert load["failed"] == 0 and counted >= 0.98 * load["requests"], (counted, load)
+
+        port = urllib.parse.urlsplit(url).port
+        with httpx.Client(base_url=url) as kept_alive:  # the worker that holds this connection
+            kept_alive.get("/health")
+            (hung,) = connections_by_process(port)
+        os.kill(hung, signal.SIGSTOP)  # alive, its loop stopped: what a stuck worker looks like
+        deadline = time.monotonic() + 60
+        while f"worker {hung} answered nothing for 3 s; killing it" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        statuses = [httpx.get(f"{url}/health", timeout=60).status_code for _ in range(20)]
+    assert statuses == [200] * 20
+
+
+def test_a_connection_that_sends_no_whole_request_is_closed(catalogue):
+    import socket
+    import urllib.parse
+
+    from imgembed.service.workers import HEADER_SECONDS
+
+    index = build(catalogue, "flat", "--index-type", "Flat")
+    with serve(index, "--workers", "1") as url:
+        port = urllib.parse.urlsplit(url).port
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            slow.settimeout(HEADER_SECONDS + 20)
+            started = time.monotonic()
+            assert slow.recv(100) == b""  # closed by the server
+            assert time.monotonic() - started < HEADER_SECONDS + 5
+        assert httpx.head(f"{url}/health").status_code == 200

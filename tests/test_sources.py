@@ -218,3 +218,50 @@ def test_img2dataset_side_files_are_not_inputs_and_sidecars_become_metadata(tmp_
     assert [os.path.basename(path) for path in images.paths] == ["000000001.jpg", "notes.txt"]
     (record, _) = sources.read_shard(images, NO_PAUSES, None)
     assert record.metadata == {"key": "000000001", "caption": "from json"}
+
+
+def write_containers(folder, count: int) -> dict[str, str]:
+    """A TFRecord, a WebDataset tar and a Parquet file of ``count`` records each."""
+    import tensorflow as tf
+
+    from fixtures.images import jpeg_bytes
+
+    images = [jpeg_bytes(seed, 64, 48) for seed in range(count)]
+    with tf.io.TFRecordWriter(str(folder / "c.tfrecord")) as writer:
+        for data in images:
+            feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    with tarfile.open(folder / "c.tar", "w") as archive:
+        for number, data in enumerate(images):
+            info = tarfile.TarInfo(f"{number:05d}.jpg")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"jpg": images}), folder / "c.parquet", row_group_size=10)
+    return {"tfrecord": "c.tfrecord", "webdataset": "c.tar", "parquet": "c.parquet"}
+
+
+@pytest.mark.parametrize("kind", ["tfrecord", "webdataset", "parquet"])
+def test_a_read_fault_in_the_middle_of_a_container_is_read_again_and_every_record_arrives(tmp_path, kind):
+    from tests.filesystems import CutFileSystem
+
+    name = write_containers(tmp_path, 60)[kind]
+    whole = list(sources.read_shard(InputShard(kind, (str(tmp_path / name),), (1,)), NO_PAUSES, None))
+    cut = f"{CutFileSystem.SCHEME}://{tmp_path}/{name}"
+    records = list(sources.read_shard(InputShard(kind, (cut,), (1,)), NO_PAUSES, None))
+    assert cut in CutFileSystem.cut  # the first read did fail half way
+    assert len(records) == len(whole) == 60
+    assert [record.data for record in records] == [record.data for record in whole]
+    assert [record.uri.removeprefix("cut://") for record in records] == [record.uri for record in whole]
+
+    broken = tmp_path / f"broken-{name}"
+    broken.write_bytes((tmp_path / name).read_bytes())
+    shard = InputShard(kind, (f"{CutFileSystem.SCHEME}://{broken}",), (1,))
+    with pytest.raises(sources.ShardUnreadable, match="ConnectionResetError"):
+        list(sources.read_shard(shard, NO_PAUSES, None))
+
+
+def test_a_container_deleted_since_it_was_listed_is_one_not_found_row(tmp_path):
+    (record,) = sources.read_shard(
+        InputShard("webdataset", (str(tmp_path / "gone.tar"),), (1,)), NO_PAUSES, None
+    )
+    assert isinstance(record.data, ImageError) and record.data.reason == sources.NOT_FOUND

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -86,6 +87,8 @@ def decode_image(data: bytes, limits: DecodeLimits, min_side: int | None = None)
         if data.startswith(_TIFF_MAGIC):
             return _decode_scientific_tiff(data, limits)
         raise _unidentified(data) from None
+    except _DECODER_ERRORS as error:  # a header cut short or damaged (a JPEG cut in its first bytes)
+        raise _damaged(data, "image", error) from None
     _check_pixels(*image.size, limits)
     try:
         if image.format == "PNG":
@@ -106,13 +109,23 @@ def decode_image(data: bytes, limits: DecodeLimits, min_side: int | None = None)
             rgb = _to_rgb(image)
             rgb.info["original_size"] = full_size
             return rgb
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as error:
-        # Pillow reports a cut-off file as "truncated" or "not enough data"; the
-        # rest (bad CRC, broken Huffman tables, ...) is damage inside the file.
-        text = str(error) or type(error).__name__
-        if "truncated" in text.lower() or "not enough data" in text:
-            raise ImageError(TRUNCATED, f"{image.format} file is cut short: {text}") from None
-        raise ImageError(CORRUPT, f"{image.format} data is damaged: {text}") from None
+    except _DECODER_ERRORS as error:
+        raise _damaged(data, image.format, error) from None
+
+
+# What Pillow's decoders raise on bytes that are not what their format says.
+_DECODER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
+
+
+def _damaged(data: bytes, kind: str | None, error: BaseException) -> ImageError:
+    """Pillow reports a cut-off file as "truncated" or "not enough data", and a RIFF
+    (WebP) file says its own length; the rest (bad CRC, broken Huffman tables, ...)
+    is damage inside the file. The pipeline and the service name it alike."""
+    text = str(error) or type(error).__name__
+    riff_cut = data[:4] == b"RIFF" and len(data) >= 8 and int.from_bytes(data[4:8], "little") + 8 > len(data)
+    if riff_cut or "truncated" in text.lower() or "not enough data" in text:
+        return ImageError(TRUNCATED, f"{kind or 'image'} file is cut short: {text}")
+    return ImageError(CORRUPT, f"{kind or 'image'} data is damaged: {text}")
 
 
 def _check_pixels(width: int, height: int, limits: DecodeLimits) -> None:

@@ -11,6 +11,7 @@ _filesystems).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -52,32 +53,36 @@ def is_local(path: str) -> bool:
 
 def canonical(path: str) -> str:
     """The one spelling of a file, which its image id is derived from: on this
-    machine's disk, the absolute path with symbolic links, ``..`` and ``file://``
-    resolved away (``photos/a.jpg``, ``./photos/a.jpg``, ``/home/me/photos/a.jpg``
-    and ``file:///home/me/photos/a.jpg`` are one file); elsewhere the URI as the
-    filesystem's match returns it.
+    machine's disk, the absolute, normalised path without ``file://``
+    (``photos/a.jpg``, ``./photos/../photos/a.jpg``, ``/home/me/photos/a.jpg`` and
+    ``file:///home/me/photos/a.jpg`` are one file); elsewhere the URI as the
+    filesystem's match returns it. Links in the folder a pattern names are resolved
+    first (``canonical_pattern``); a file that is itself a link is an input of its
+    own, as it is listed.
 
     >>> canonical("file://photos/../photos/cat.jpg")
     '/home/me/photos/cat.jpg'
     """
     if not is_local(path):
         return path
-    return os.path.realpath(os.path.expanduser(path.removeprefix("file://")))
+    return os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
 
 
 def canonical_pattern(pattern: str) -> str:
-    """A glob whose matches come back canonical: its folder part made canonical (the
-    matches below it are resolved one by one too: a link may sit below it)."""
+    """A glob or path whose matches come back canonical: absolute, with the links of
+    the folder it names resolved (a folder reached through a link, or typed through
+    its target, lists the same files under the same names)."""
     if not is_local(pattern):
         return pattern
-    pattern = os.path.expanduser(pattern.removeprefix("file://"))
+    pattern = canonical(pattern) + ("/" if pattern.endswith("/") else "")
     first_glob = next((at for at, char in enumerate(pattern) if char in "*?["), None)
     if first_glob is None:
-        return canonical(pattern) + ("/" if pattern.endswith("/") else "")
+        if os.path.isdir(pattern):
+            return os.path.realpath(pattern) + ("/" if pattern.endswith("/") else "")
+        folder, name = os.path.split(pattern)
+        return os.path.join(os.path.realpath(folder), name)
     folder, _, rest = pattern[:first_glob].rpartition("/")
-    if not folder and pattern.startswith("/"):
-        folder = "/"
-    return os.path.join(canonical(folder or "."), rest + pattern[first_glob:])
+    return os.path.join(os.path.realpath(folder or "/"), rest + pattern[first_glob:])
 
 
 def join(base: str, *parts: str) -> str:
@@ -179,18 +184,23 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def write_atomically(path: str, data: bytes) -> None:
-    """Write aside, then rename: readers see the whole file or none of it."""
-    temporary = join(parent(path), f".tmp-{uuid.uuid4().hex}")
+    """Readers see the whole file or none of it, and a file it replaces until the
+    new one is whole: on this machine's disk written aside, then renamed over it
+    (``os.replace``, atomic on POSIX); an object store shows an object only once its
+    upload completes, so one write is enough there (a copy and delete would not be
+    atomic at all)."""
+    if not is_local(path):
+        write_bytes(path, data)
+        return
+    local = path.removeprefix("file://")
+    temporary = join(parent(local), f".tmp-{uuid.uuid4().hex}")
     write_bytes(temporary, data)
-    rename(temporary, path)
-
-
-def rename(source: str, destination: str) -> None:
-    """Replaces ``destination`` if it exists (Beam's rename refuses to on some stores)."""
-    filesystems = _filesystems()
-    if filesystems.exists(destination):
-        filesystems.delete([destination])
-    filesystems.rename([source], [destination])
+    try:
+        os.replace(temporary, local)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
 
 def delete(paths: list[str]) -> None:
@@ -213,18 +223,27 @@ def delete_folder(folder: str) -> None:
 
 
 def copy_file(source: str, destination: str) -> None:
-    """Streams one file across filesystems (local to gs://, gs:// to local...)."""
+    """Streams one file across filesystems (local to gs://, gs:// to local...); the
+    destination appears whole or not at all, as with write_atomically."""
     from apache_beam.io.filesystem import CompressionTypes
 
     filesystems = _filesystems()
     ensure_folder(parent(destination))
+    local = is_local(destination)
+    written = join(parent(destination), f".tmp-{uuid.uuid4().hex}") if local else destination
     raw = CompressionTypes.UNCOMPRESSED
-    with (
-        filesystems.open(source, compression_type=raw) as reader,
-        filesystems.create(destination, compression_type=raw) as writer,
-    ):
-        for block in iter(lambda: reader.read(COPY_BLOCK_BYTES), b""):
-            writer.write(block)
+    try:
+        with (
+            filesystems.open(source, compression_type=raw) as reader,
+            filesystems.create(written, compression_type=raw) as writer,
+        ):
+            for block in iter(lambda: reader.read(COPY_BLOCK_BYTES), b""):
+                writer.write(block)
+        if local:
+            os.replace(written.removeprefix("file://"), destination.removeprefix("file://"))
+    finally:
+        if local and os.path.exists(written):
+            os.remove(written)
 
 
 def files_under(folder: str) -> list[str]:
