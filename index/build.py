@@ -281,6 +281,13 @@ def build(
 ) -> dict:
     """Builds, tunes, measures and writes an index of every row in ``source``
     (through the tf.Transform graph first when ``config.transform`` asks for one)."""
+    if config.factory is None:  # a budget no index fits is refused before anything is written
+        dims = (
+            config.transform.dims
+            if config.transform is not None and config.transform.dims
+            else source.raw_dim
+        )
+        choose_index(source.count, dims, config.max_memory)
     with _new_version(index_dir, overwrite) as version:
         local = version.local_dir
         clock = _Phases()

@@ -186,13 +186,11 @@ def run(config: dict, sockets: list[socket.socket], hung_seconds: float = HUNG_S
     return 1 if failed else 0
 
 
-def _kill_if_hung(worker, started: float, last_tick: float) -> None:
+def _kill_if_hung(worker, started: float, last_tick: float, hung_seconds: float) -> None:
     now = time.monotonic()
-    stuck = now - last_tick > HUNG_SECONDS if last_tick else now - started > STARTUP_SECONDS
+    stuck = now - last_tick > hung_seconds if last_tick else now - started > STARTUP_SECONDS
     if stuck:
-        what = (
-            f"answered nothing for {HUNG_SECONDS} s" if last_tick else f"did not start in {STARTUP_SECONDS} s"
-        )
+        what = f"answered nothing for {hung_seconds:g} s" if last_tick else f"did not start in {STARTUP_SECONDS} s"
         _say(f"worker {worker.pid} {what}; killing it")
         worker.kill()
         worker.join()

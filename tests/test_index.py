@@ -643,7 +643,7 @@ def test_a_budget_too_small_to_train_is_refused_before_faiss_is_asked(tmp_path, 
     argv = ["--embeddings", str(tmp_path / "e"), "--output", str(tmp_path / "index"), "--max-memory", "1K"]
     assert command.main(argv) == 2
     err = capfd.readouterr().err
-    assert "--max-memory 1.0 KiB is too small for an index of 31 vectors" in err and "give it at least" in err
+    assert "--max-memory 1000 B is too small for an index of 31 vectors" in err and "give it at least" in err
     assert "clustering" not in err and not (tmp_path / "index").exists()
 
 

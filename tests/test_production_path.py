@@ -123,7 +123,10 @@ def test_a_model_that_fails_its_first_batches_is_retried_and_ends_as_rows(tmp_pa
     assert summary.models[0].rows == 5 and summary.errors_total == 0 and summary.balanced
 
 
-def test_a_broken_model_stops_the_job_and_leaves_its_shard_to_redo(tmp_path, capsys):
+def test_a_broken_model_stops_the_job_and_leaves_its_shard_to_redo(tmp_path, capsys, monkeypatch):
+    from imgembed.pipelines import shard_worker
+
+    monkeypatch.setattr(shard_worker, "SHARD_RETRY_PAUSES", (0.0, 0.0))
     write_photos(tmp_path / "photos", [f"{n}.jpg" for n in range(4)])
     model = save_failing_model(str(tmp_path / "broken"), failing_calls=None)
     argv = [
@@ -134,10 +137,10 @@ def test_a_broken_model_stops_the_job_and_leaves_its_shard_to_redo(tmp_path, cap
     ]
     assert embed.main(argv + IN_PROCESS) == 1
     err = capsys.readouterr().err
+    assert "1 shards (4 inputs) failed after 3 tries" in err and "run the same command again" in err
     assert (
-        "the job stopped: model broken failed on each of 4 images: InvalidArgumentError: assertion failed"
+        "model broken failed on each of 4 images and on a probe: InvalidArgumentError: assertion failed"
         in err
-        and "run the same command again" in err
     )
     assert not list((tmp_path / "out" / "_shards").glob("*.json"))
 
@@ -145,22 +148,24 @@ def test_a_broken_model_stops_the_job_and_leaves_its_shard_to_redo(tmp_path, cap
 def test_a_fault_that_does_not_pass_fails_the_run_and_the_rerun_finishes_once_it_clears(
     tiny_model_dir, tmp_path, capsys, monkeypatch
 ):
+    from imgembed.pipelines import shard_worker
     from tests.filesystems import DeniedFileSystem
 
+    monkeypatch.setattr(shard_worker, "SHARD_RETRY_PAUSES", (0.0, 0.0))
     names = [f"{n}.jpg" for n in range(6)] + ["6_denied.jpg"]
     write_photos(tmp_path / "photos", names)
     argv = [f"--input=denied://{tmp_path}/photos/*", f"--output={tmp_path}/out", f"--model={tiny_model_dir}"]
     argv += ["--files-per-shard=2"] + IN_PROCESS
     assert embed.main(argv) == 1
     err = capsys.readouterr().err
-    assert f"the job stopped: cannot read denied://{tmp_path}/photos/6_denied.jpg: PermissionError" in err
+    assert f"cannot read denied://{tmp_path}/photos/6_denied.jpg: PermissionError" in err
     done = {path.name for path in (tmp_path / "out" / "_shards").glob("*.json")}
-    assert len(done) < 4  # the shard of 6_denied.jpg has no marker
+    assert len(done) == 3  # the others commit; the shard of 6_denied.jpg has no marker
 
     monkeypatch.setattr(DeniedFileSystem, "denying", False)  # the permissions are fixed
     summary = embed.run(argv)
-    assert (summary.shards, summary.run.shards_kept, summary.models[0].rows) == (4, len(done), 7)
-    assert summary.balanced
+    assert (summary.shards, summary.run.shards_kept, summary.models[0].rows) == (4, 3, 7)
+    assert summary.balanced and not summary.failed_shards
 
 
 def test_a_run_that_mostly_failed_exits_non_zero_and_says_why(tiny_model_dir, tmp_path, capsys):
