@@ -190,7 +190,11 @@ def _kill_if_hung(worker, started: float, last_tick: float, hung_seconds: float)
     now = time.monotonic()
     stuck = now - last_tick > hung_seconds if last_tick else now - started > STARTUP_SECONDS
     if stuck:
-        what = f"answered nothing for {hung_seconds:g} s" if last_tick else f"did not start in {STARTUP_SECONDS} s"
+        what = (
+            f"answered nothing for {hung_seconds:g} s"
+            if last_tick
+            else f"did not start in {STARTUP_SECONDS} s"
+        )
         _say(f"worker {worker.pid} {what}; killing it")
         worker.kill()
         worker.join()
