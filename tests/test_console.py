@@ -61,3 +61,52 @@ def test_piped_progress_prints_a_line_at_least_every_interval_and_stays_quiet_fo
     assert len([line for line in lines if line.startswith("imgembed: index: add: ")]) >= 3
     assert any("/100 vectors" in line and "vectors/s" in line for line in lines)
     assert not [line for line in lines if "tune" in line]  # done in well under SHORT_PHASE_SECONDS
+
+
+def test_bad_environments_get_one_line_and_a_non_zero_exit(tiny_model_dir, tmp_path):
+    import shlex
+
+    import pytest
+
+    from tests.beam_workers import can_isolate
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed in range(3):
+        photo_like(seed, 90, 70).save(folder / f"{seed:02d}.jpg")
+    (tmp_path / "a_file").write_text("not a folder")
+    imgembed = os.path.join(BIN, "imgembed")
+    embed = [imgembed, "embed", f"--input={folder}", f"--model={tiny_model_dir}", "--runner=DirectRunner"]
+    runs = {
+        "output is a file": embed + [f"--output={tmp_path / 'a_file'}"],
+        "port out of range": [imgembed, "serve", "--index", str(tmp_path), "--port", "99999"],
+    }
+    if can_isolate() is None:  # root writes through permissions: a read-only mount stops it
+        read_only = f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(tmp_path / 'ro'))} && exec "
+        (tmp_path / "ro").mkdir()
+        for name, command in {
+            "embed into a read-only folder": embed + [f"--output={tmp_path / 'ro' / 'out'}"],
+            "index into a read-only folder": [imgembed, "index", "--embeddings", str(tmp_path / "e")]
+            + ["--output", str(tmp_path / "ro" / "index")],
+        }.items():
+            runs[name] = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                read_only + shlex.join(command),
+            ]
+        from fixtures.synthetic_vectors import write_synthetic_embeddings
+
+        write_synthetic_embeddings(str(tmp_path / "e"), count=200, dim=8, files=1)
+    elif os.environ.get("IMGEMBED_REQUIRE_TOOLS"):
+        pytest.fail(f"cannot make a read-only mount: {can_isolate()}")
+    for name, command in runs.items():
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode != 0 and len(lines) == 1 and lines[0].startswith("imgembed "), (
+            name,
+            done.stderr,
+        )
