@@ -365,10 +365,11 @@ def attach_transform(
 
     options = config.transform
     next_to_embeddings = storage.join(storage.parent(raw.files[0].path), options.folder_name)
-    analyze([f.path for f in raw.files], raw.raw_dim, options, next_to_embeddings, config.beam_args)
-    storage.copy_tree(next_to_embeddings, store.path(version_dir, store.TRANSFORM_DIR))
-    # Built through the copy next to the embeddings: Beam workers can read it there.
-    transform = EmbeddingTransform(next_to_embeddings)
+    own = store.path(version_dir, store.TRANSFORM_DIR)
+    analyze([f.path for f in raw.files], raw.raw_dim, options, next_to_embeddings, config.beam_args, own)
+    # The version's own copy: another analysis may replace the one next to the
+    # embeddings meanwhile (a distributed add stages this copy for its workers).
+    transform = EmbeddingTransform(own)
     info = {
         "options": options.to_metadata(),
         "directory": store.TRANSFORM_DIR,

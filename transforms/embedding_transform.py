@@ -127,10 +127,16 @@ def check_runner(pipeline_args) -> None:
 
 
 def analyze(
-    embedding_files: list[str], dim: int, options: TransformOptions, output_dir: str, pipeline_args=()
+    embedding_files: list[str],
+    dim: int,
+    options: TransformOptions,
+    output_dir: str,
+    pipeline_args=(),
+    private_copy: str | None = None,
 ) -> str:
     """Runs the full pass with tft_beam on the given Beam runner; writes the graph
-    into ``output_dir`` (any Beam filesystem) and returns it.
+    into ``output_dir`` (any Beam filesystem), and first into ``private_copy`` when
+    given (an index version's own, which no other run replaces), and returns it.
 
     tf.Transform itself writes through TensorFlow's filesystems, on the workers: its
     working files go in a temporary folder of this machine on the local runner
@@ -167,13 +173,15 @@ def analyze(
             preprocessing_fn
         )
         _ = transform_fn | "Write" >> tft_beam.WriteTransformFn(written)
+    metadata = options.to_metadata() | {"input_dim": dim}
+    storage.write_atomically(storage.join(written, OPTIONS_FILE), json.dumps(metadata, indent=2).encode())
+    if private_copy is not None:  # this run's own graph, whatever another analysis publishes meanwhile
+        storage.copy_tree(written, private_copy)
     storage.delete_folder(output_dir)  # a graph of an earlier run must not mix with this one
     storage.copy_tree(written, output_dir)
     storage.delete_folder(work)
     if local_temp:
         shutil.rmtree(local_temp, ignore_errors=True)
-    metadata = options.to_metadata() | {"input_dim": dim}
-    storage.write_atomically(storage.join(output_dir, OPTIONS_FILE), json.dumps(metadata, indent=2).encode())
     return output_dir
 
 
