@@ -317,6 +317,10 @@ def build(
             # What ran the model (tflite, tensorflow; int8 is another precision): the
             # service embeds uploads the same way, and updates must match it.
             "backend": source.metadata.get("backend"),
+            "precision": source.metadata.get("precision", "fp32"),
+            "fidelity": source.metadata.get("fidelity"),
+            "runtime_model": keep_runtime_model(source, local),
+            "runtime_source": source.metadata.get("runtime"),
             "embedding_dimension": source.raw_dim,
             "dimension": source.dim,
             "metric": config.metric.value,
@@ -354,6 +358,17 @@ def build(
         report |= {"seconds": clock.seconds, "index_bytes": index_bytes, "version": version.name}
         store.write_json(local, store.REPORT_FILE, report)
     return report
+
+
+def keep_runtime_model(source: EmbeddingSource, version_dir: str) -> str | None:
+    """A copy in the version of the model file the corpus was embedded with, when it
+    is not the model itself (an int8 quantization of it): the service embeds uploads
+    with it, wherever the embeddings go later. Its name in the version, or None."""
+    runtime = source.metadata.get("runtime")
+    if not runtime:
+        return None
+    storage.copy_file(runtime, store.path(version_dir, store.RUNTIME_MODEL_FILE))
+    return store.RUNTIME_MODEL_FILE
 
 
 def attach_transform(

@@ -24,6 +24,7 @@ from imgembed.common.embedding_files import (
     METADATA_KEY,
     PARQUET_SUFFIX,
     embeddings_glob,
+    made_with,
     read_metadata,
 )
 from imgembed.common.storage import list_files
@@ -132,11 +133,12 @@ class EmbeddingSource:
                 f"{self.files[0].path} by {_model_name(self.metadata)}"
             )
         else:
-            for what in ("preprocessing", "backend"):
-                if metadata.get(what) != self.metadata.get(what):
+            mine, first = made_with(metadata), made_with(self.metadata)
+            for what, value in mine.items():
+                if value != first[what]:
                     raise IndexInputError(
-                        f"mixed {what}: {path} was embedded with {metadata.get(what)}, {self.files[0].path} "
-                        f"with {self.metadata.get(what)}; one index holds embeddings made one way"
+                        f"mixed {what}: {path} was embedded with {value}, {self.files[0].path} "
+                        f"with {first[what]}; one index holds embeddings made one way"
                     )
 
     def record_batches(

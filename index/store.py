@@ -49,6 +49,7 @@ MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
 DUPLICATES_FILE = "duplicates.parquet"
 TRANSFORM_DIR = "transform"  # a copy of the tf.Transform graph, when the index has one
+RUNTIME_MODEL_FILE = "model.tflite"  # the int8 model uploads are embedded with, when there is one
 # 3: thumbnails in the version, canonical paths, ids of canonical URIs (imgembed 0.2).
 FORMAT_VERSION = 3
 VERSION_PREFIX = "v"

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgembed.common import storage
-from imgembed.common.embedding_files import embeddings_glob
+from imgembed.common.embedding_files import embeddings_glob, made_with
 from imgembed.index import items, mapped_pages, store
 from imgembed.index.build import (
     RECALL_K,
@@ -182,6 +182,8 @@ def update_index(
             shutil.copytree(
                 store.path(loaded.directory, store.TRANSFORM_DIR), store.path(local, store.TRANSFORM_DIR)
             )
+        if manifest.get("runtime_model"):  # the int8 model uploads are embedded with
+            shutil.copy(store.path(loaded.directory, manifest["runtime_model"]), local)
         if written is None:
             faiss.write_index(index, store.path(local, store.INDEX_FILE))
         manifest |= items.write_items(sources, local)
@@ -328,11 +330,13 @@ def _check_compatible(manifest: dict, new: EmbeddingSource) -> None:
             f"the new embeddings ({model}, {new.raw_dim}-d) do not match the index "
             f"({manifest['model']['name']}, {manifest.get('embedding_dimension', manifest['dimension'])}-d)"
         )
-    for what, flags in (("preprocessing", "--resize and --central-fraction"), ("backend", "--backend")):
-        if manifest.get(what) != new.metadata.get(what):
+    indexed = made_with(manifest | {"runtime": manifest.get("runtime_source")})
+    for what, value in made_with(new.metadata).items():
+        if value != indexed[what]:
             raise IndexInputError(
-                f"the new embeddings were made with another {what} ({new.metadata.get(what)}) than the "
-                f"index's ({manifest.get(what)}); embed them with the same {flags}"
+                f"the new embeddings were made with another {what} ({value}) than the index's "
+                f"({indexed[what]}); embed them as the index's were (--resize, --central-fraction, "
+                "--backend, --precision), into the same output for int8"
             )
 
 

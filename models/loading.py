@@ -184,12 +184,14 @@ def check_available(spec: ModelSpec) -> None:
 class PreparedModel:
     """A model as a job runs it: ``backend`` is what runs (tflite or tensorflow, never
     auto); ``tflite_file`` the verified local conversion a TensorFlow model runs as,
-    if any; ``note`` why auto chose TensorFlow."""
+    if any; ``note`` why auto chose TensorFlow, or fp32 runs instead of int8."""
 
     spec: ModelSpec
     backend: str
     tflite_file: str | None = None
     note: str | None = None
+    precision: str = "fp32"  # int8: ``tflite_file`` is the quantized model (pipelines/precision.py)
+    fidelity: dict | None = None  # int8's, measured against fp32 on images of the run
 
 
 def prepare(spec: ModelSpec, backend: str) -> PreparedModel:

@@ -79,6 +79,40 @@ def convert_to_int8(
     return tflite.add_metadata(data, tflite.INPUT_RANGE_METADATA, tflite.UNIT_RANGE), kept_float
 
 
+def quantize_in_child(spec: ModelSpec, calibration: np.ndarray, float_layers: int) -> bytes:
+    """``convert_to_int8`` of uint8 calibration pixels, in a fresh child process, so
+    that the caller (a job's launcher) never loads TensorFlow (~600 MB for good)."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    receive, send = spawn.Pipe(duplex=False)
+    child = spawn.Process(target=_convert_and_send, args=(spec, calibration, float_layers, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        succeeded, value = receive.recv()
+    except EOFError:
+        raise ModelLoadError(
+            f"the process quantizing {spec.name} died (exit code {child.exitcode})"
+        ) from None
+    finally:
+        child.join()
+        receive.close()
+    if not succeeded:
+        raise value
+    return value
+
+
+def _convert_and_send(spec: ModelSpec, calibration: np.ndarray, float_layers: int, send) -> None:
+    from imgembed.models.embedder import scale_pixels
+
+    try:
+        answer = (True, convert_to_int8(spec, scale_pixels(calibration), float_layers)[0])
+    except Exception as error:  # sent to the parent, which raises it
+        answer = (False, ModelLoadError(f"cannot quantize {spec.name}: {error}"))
+    send.send(answer)
+
+
 def _worst_layers(debugger, count: int) -> list[str]:
     buffer = io.StringIO()
     debugger.layer_statistics_dump(buffer)

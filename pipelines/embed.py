@@ -48,8 +48,9 @@ from imgembed.models.loading import BACKENDS, PreparedModel, prepared_meanwhile
 from imgembed.models.registry import EMBEDDED_MODEL_NAME
 from imgembed.pipelines import outputs
 from imgembed.pipelines.default_corpus import default_corpus_patterns
-from imgembed.pipelines.model_staging import stage
+from imgembed.pipelines.model_staging import MODELS_FOLDER, stage
 from imgembed.pipelines.plan import RunPlan, output_state, plan_run
+from imgembed.pipelines.precision import FidelityGate, Precision, as_int8, record_int8
 from imgembed.pipelines.preprocess import ImagePreparer
 from imgembed.pipelines.shard_worker import EmbedShard, ShardJob
 from imgembed.pipelines.shards import (
@@ -210,6 +211,20 @@ class EmbedOptions(PipelineOptions):
             help="Start from an empty --output instead of resuming, and replace outputs made "
             "with other settings.",
         )
+        parser.add_argument(
+            "--precision",
+            default="fp32",
+            help="fp32, or int8: each model quantized to int8 TFLite once per output, calibrated on "
+            "images of this run, and used only when it passes --min-fidelity (else fp32, with one "
+            "line why). Default: fp32.",
+        )
+        parser.add_argument(
+            "--min-fidelity",
+            dest="min_fidelity",
+            default="0.9,0.98",
+            help="What int8 must keep of fp32 on other images of the run: kNN@10 overlap, mean "
+            "cosine. Default: 0.9,0.98.",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +269,8 @@ class EmbedConfig:
             max_pixels=options.max_image_pixels,
         )
         input_format = InputFormat.parse(options.input_format)
+        precision = Precision.parse(options.precision)
+        gate = FidelityGate.parse(options.min_fidelity)
         fields = tuple(field.strip() for field in options.metadata_fields.split(",") if field.strip())
         patterns = options.inputs or default_corpus_patterns()
         with prepared_meanwhile(options.models or [EMBEDDED_MODEL_NAME], options.backend) as prepared:
@@ -272,12 +289,18 @@ class EmbedConfig:
             # every core would only make them wait for each other.
             threads = max(1, (os.cpu_count() or 1) // local_workers)
         output = options.output
+        output_dir = storage.canonical(output.rstrip("/") or "/") if storage.is_local(output) else output
+        preparer = ImagePreparer(preprocessing, sizes, limits, options.thumbnail_size)
+        if precision is Precision.INT8:
+            if options.overwrite:
+                storage.delete_folder(storage.join(output_dir, MODELS_FOLDER))  # quantize again
+            models = tuple(as_int8(model, inputs, preparer, gate, output_dir) for model in models)
         return cls(
             inputs=inputs,
             files_per_shard=options.files_per_shard,
-            output_dir=storage.canonical(output.rstrip("/") or "/") if storage.is_local(output) else output,
+            output_dir=output_dir,
             models=models,
-            preparer=ImagePreparer(preprocessing, sizes, limits, options.thumbnail_size),
+            preparer=preparer,
             read=ReadOptions(limits, options.image_column, fields),
             batch_size=options.batch_size,
             top_k=options.top_k,
@@ -291,7 +314,10 @@ class EmbedConfig:
         return {
             # Ids hash canonical URIs (imgembed 0.2): outputs of before are other settings.
             "ids": ID_SCHEME,
-            "models": [model.spec.to_metadata() | {"backend": model.backend} for model in self.models],
+            "models": [
+                model.spec.to_metadata() | {"backend": model.backend, "precision": model.precision}
+                for model in self.models
+            ],
             "preprocessing": self.preparer.preprocessing.to_metadata(),
             "limits": dataclasses.asdict(self.preparer.limits),
             "thumbnail_size": self.preparer.thumbnail_size,
@@ -465,13 +491,20 @@ def run(
         return _run(config, argv, options, dry_run, test_pipeline)
 
 
+def _staged(model, output_dir: str, dry_run: bool):
+    staged = stage(model, output_dir, dry_run)
+    if model.precision == "int8" and not dry_run:
+        record_int8(output_dir, model, staged.runtime.source)
+    return staged
+
+
 def _run(config: EmbedConfig, argv: list[str], options, dry_run: bool, test_pipeline):
     key = settings_key(config.settings())
     plan = _plan_run(config, key, dry_run)
     job = ShardJob(
         output_dir=config.output_dir,
         settings_key=key,
-        models=tuple(stage(model, config.output_dir, dry_run) for model in config.models),
+        models=tuple(_staged(model, config.output_dir, dry_run) for model in config.models),
         preparer=config.preparer,
         read=config.read,
         batch_size=config.batch_size,
@@ -497,13 +530,13 @@ def _run(config: EmbedConfig, argv: list[str], options, dry_run: bool, test_pipe
         if dry_run:
             return DryRun(_write_job_file(result, options))
         written, failed = run_work(config.output_dir, plan.todo)
-    backends = {model.spec.name: model.backend for model in config.models}
+    models_run = {model.spec.name: model for model in config.models}
     summary = outputs.RunSummary.from_markers(
         written,
         list(plan.kept.values()),
         plan,
         config.output_dir,
-        backends,
+        models_run,
         time.monotonic() - started,
         config.max_error_rate,
         failed,

@@ -35,6 +35,8 @@ class StagedModel:
     spec: ModelSpec
     backend: str
     runtime: ModelSpec
+    precision: str = "fp32"
+    fidelity: dict | None = None
 
 
 def content_digest(path: str) -> str:
@@ -120,7 +122,7 @@ def stage(prepared: PreparedModel, output_dir: str, dry_run: bool = False) -> St
     if prepared.tflite_file is not None:  # the conversion is named by its content already
         source = _stage(prepared.tflite_file, models_dir, os.path.basename(prepared.tflite_file), dry_run)
         runtime = dataclasses.replace(spec, source=source, format=Format.TFLITE)
-        return StagedModel(spec, prepared.backend, runtime)
+        return StagedModel(spec, prepared.backend, runtime, prepared.precision, prepared.fidelity)
     parts = spec.source.split("+") if spec.format is Format.TFLITE else [spec.source]
     staged = [
         _stage(part, models_dir, f"{content_digest(part)}-{os.path.basename(part)}", dry_run)

@@ -226,11 +226,13 @@ def add_markers(markers) -> dict:
 class ModelSummary:
     model: str
     backend: str
+    precision: str
     rows: int  # in the output, from every run
     inference_errors: int
     embedded: int  # rows this run embedded (not copied from a shard it rewrote)
     model_seconds: float  # this run's, in model calls, summed over workers
     embeddings: str
+    fidelity: dict | None = None  # int8's against fp32, on images of the first int8 run
 
     @property
     def ms_per_image(self) -> float | None:
@@ -279,7 +281,7 @@ class RunSummary:
         kept: list[dict],
         plan: RunPlan,
         output_dir: str,
-        backends: dict[str, str],
+        models_run: dict,
         seconds: float,
         max_error_rate: float,
         failed_shards: list[dict] = (),
@@ -290,14 +292,16 @@ class RunSummary:
         models = [
             ModelSummary(
                 name,
-                backend,
+                model.backend,
+                model.precision,
                 total["rows"].get(name, 0),
                 total["inference_errors"].get(name, 0),
                 written["rows"].get(name, 0) - written["reused_rows"].get(name, 0),
                 round(written["model_seconds"].get(name, 0.0), 3),
                 embeddings_glob(storage.join(output_dir, name)),
+                model.fidelity,
             )
-            for name, backend in backends.items()
+            for name, model in models_run.items()
         ]
         run = RunWork(
             shards_written=written["shards"],
@@ -371,8 +375,14 @@ class RunSummary:
             speed = f"{model.embedded / max(run.seconds, 1e-9):.1f} images/s end to end"
             if model.ms_per_image:
                 speed += f", {model.ms_per_image:.1f} ms of model time per image"
+            runs_on = model.backend + (" int8" if model.precision == "int8" else "")
+            if model.fidelity:
+                runs_on += (
+                    f", kNN@10 {model.fidelity['knn@10_overlap']:.3f} and cosine "
+                    f"{model.fidelity['cosine_mean']:.4f} of fp32"
+                )
             lines += [
-                f"Embedded {model.embedded} images with {model.model} on {model.backend} ({speed})",
+                f"Embedded {model.embedded} images with {model.model} on {runs_on} ({speed})",
                 f"  inputs {self.inputs} = embedded {model.rows} + errors {self.input_errors + model.inference_errors}"
                 f" in {self.shards} shards",
                 f"  embeddings: {model.embeddings}",

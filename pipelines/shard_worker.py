@@ -104,6 +104,11 @@ class ShardJob:
                 "model": model.spec.to_metadata(),
                 "preprocessing": self.preparer.preprocessing.to_metadata(),
                 "backend": model.backend,
+                "precision": model.precision,
+                # What serving needs to embed uploads as the corpus was: an int8 model
+                # is its own file (the index keeps a copy), a float one is the model.
+                "runtime": model.runtime.source if model.precision == "int8" else None,
+                "fidelity": model.fidelity,
             },
             self.preparer.thumbnail_size > 0,
             top_k=self._is_classifier(model),

@@ -29,7 +29,7 @@ from imgembed.index.items import SOURCE_FIELD
 from imgembed.index.vectors import IndexInputError, Metric, prepare
 from imgembed.models.errors import ModelLoadError
 from imgembed.models.loading import load_model
-from imgembed.models.registry import ModelSpec
+from imgembed.models.registry import Format, ModelSpec
 from imgembed.transforms.decode import DecodeLimits, ImageError, decode_image
 from imgembed.transforms.resize import Preprocessing
 
@@ -86,7 +86,7 @@ class ImageModel:
     """The index's model and preprocessing, for image queries; one image per core at
     a time (more would only share the cores, so every request would finish late)."""
 
-    def __init__(self, manifest: dict, limits: Limits, threads: int | None = None):
+    def __init__(self, manifest: dict, limits: Limits, threads: int | None = None, directory: str = ""):
         self.limits = limits
         self.preprocessing = (
             Preprocessing.from_metadata(manifest["preprocessing"]) if manifest.get("preprocessing") else None
@@ -99,8 +99,12 @@ class ImageModel:
         if self.preprocessing is None:
             return
         try:
+            spec = ModelSpec.from_metadata(manifest["model"])
+            if manifest.get("runtime_model"):  # int8: the quantized file the corpus was embedded with
+                path = os.path.join(directory, manifest["runtime_model"])
+                spec = dataclasses.replace(spec, source=path, format=Format.TFLITE)
             backend = manifest.get("backend") or "auto"  # as the corpus was embedded
-            self.model = load_model(ModelSpec.from_metadata(manifest["model"]), backend, threads=threads)
+            self.model = load_model(spec, backend, threads=threads)
             # The first call traces and allocates; do it now, not in the first requests.
             size = self.model.spec.image_size
             self.model(np.zeros([1, size, size, 3], np.float32))
@@ -178,7 +182,9 @@ class Searcher:
             loaded = store.load(index_dir, mmap=True)
         except (IndexInputError, RuntimeError, OSError) as error:
             raise IndexInputError(f"cannot open index {index_dir}: {error}") from error
-        images = ImageModel(loaded.manifest, limits, image_threads) if load_image_model else None
+        images = (
+            ImageModel(loaded.manifest, limits, image_threads, loaded.directory) if load_image_model else None
+        )
         return cls(loaded, limits, images)
 
     @property
@@ -473,9 +479,10 @@ class LiveIndex:
                 )
                 return False
             images = old.images
-            same = all(manifest.get(key) == before.get(key) for key in ("model", "preprocessing", "backend"))
+            keys = ("model", "preprocessing", "backend", "precision", "runtime_source")
+            same = all(manifest.get(key) == before.get(key) for key in keys)
             if images is not None and not same:
-                images = ImageModel(manifest, self.limits, self._image_threads)
+                images = ImageModel(manifest, self.limits, self._image_threads, loaded.directory)
             self.current = Searcher(loaded, self.limits, images)
             _log.info("now serving version %s of %s (%d items)", version, self.index_dir, self.current.count)
             return True

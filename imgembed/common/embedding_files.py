@@ -121,3 +121,16 @@ def read_metadata(schema: pa.Schema) -> dict:
     if raw is None:
         raise ValueError("not an imgembed embeddings file: no imgembed metadata in its schema")
     return json.loads(raw)
+
+
+def made_with(metadata: dict) -> dict:
+    """How an embeddings file's vectors were made, besides the model: what must match
+    for files to share an index (its uploads are embedded one way)."""
+    runtime = metadata.get("runtime")
+    return {
+        "preprocessing": metadata.get("preprocessing"),
+        "backend": metadata.get("backend"),
+        "precision": metadata.get("precision", "fp32"),
+        # An int8 model is a quantization calibrated on one output's images.
+        "int8 model": runtime.rsplit("/", 1)[-1] if runtime else None,
+    }
