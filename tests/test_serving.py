@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.load_test import BY_ID
 from fixtures.synthetic_vectors import StructuredVectors, write_embeddings
 from imgembed.common.embedding_files import image_id
 from imgembed.index import command as index_command
@@ -241,15 +242,6 @@ def test_an_add_under_load_swaps_versions_without_a_failed_request(catalogue, tm
     assert len(new_neighbours.json()["results"]) == 5
 
 
-WRK_BY_ID = """
-local ids = {}
-for line in io.lines("%s") do ids[#ids + 1] = line end
-request = function()
-  return wrk.format("GET", "/v1/neighbors/" .. ids[math.random(#ids)] .. "?k=10")
-end
-"""
-
-
 @contextlib.contextmanager
 def wrk_load(url: str, ids: list[str], folder):
     """32 connections of wrk asking the neighbours of these ids until the block ends;
@@ -258,7 +250,7 @@ def wrk_load(url: str, ids: list[str], folder):
     if wrk is None:
         require_tool(pathlib.Path("/usr/bin/wrk"), "wrk")
     (folder / "ids.txt").write_text("\n".join(ids) + "\n")
-    (folder / "by_id.lua").write_text(WRK_BY_ID % (folder / "ids.txt"))
+    (folder / "by_id.lua").write_text(BY_ID % {"ids": folder / "ids.txt"})  # the load test's own script
     process = subprocess.Popen(
         [wrk, "-t1", "-c32", "-d600s", "-s", str(folder / "by_id.lua"), url],
         stdout=subprocess.PIPE,
