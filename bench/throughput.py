@@ -15,14 +15,16 @@ For each model it measures
   last about a minute at the ceiling); plus wall time and peak RSS;
 - the straightforward RunInference pipeline (bench/baseline_pipeline.py) the same way,
   on the corpus as it is;
-- optionally, the pipeline at several --batch-size values, and its peak RSS on 10k and
-  on 100k images;
+- optionally, the same pipeline with --precision int8 (its model and ceiling measured
+  on the int8 file the run used), the pipeline at several --batch-size values, and
+  its peak RSS on 10k and on 100k images;
 and prints pipeline / ceiling and pipeline / baseline.
 
     .venv/bin/python bench/throughput.py                       # 1200 generated photos
     .venv/bin/python bench/throughput.py --images ../shared/images/imagenet_val_1300
     .venv/bin/python bench/throughput.py --memory-check        # peak RSS: 10k vs 100k images
     .venv/bin/python bench/throughput.py --batch-sweep 8,32,128  # the pipeline by --batch-size
+    .venv/bin/python bench/throughput.py --int8                # --precision int8 beside fp32
 
 Writes docs/benchmarks/throughput.md and throughput.svg. Not a test: timings depend on
 the machine and on what else runs on it.
@@ -202,11 +204,11 @@ def model_batch(reference: str, paths: list[str]) -> np.ndarray:
     return scale_pixels(np.stack(pixels))
 
 
-def model_rates(reference: str, images: np.ndarray) -> list[dict]:
+def model_rates(reference: str, images: np.ndarray, backends=("tensorflow", "tflite")) -> list[dict]:
     """Each backend and thread count alone on the machine."""
     spec = resolve_spec(reference)
     rates = []
-    for backend in ("tensorflow", "tflite"):
+    for backend in backends:
         for threads in sorted({1, CORES}):
             if backend == "tensorflow" and threads != CORES:
                 continue  # TensorFlow's threads are fixed when it starts: it uses every core
@@ -243,9 +245,10 @@ def steady_rate(command_for, small: list[str], large: list[str], work: str, name
         output = os.path.join(work, f"{name}-{label}-output")
         tries = [run_measured(command_for(folder, output)) for _ in range(PIPELINE_TRIES)]
         seconds = min(seconds for seconds, _, _ in tries)
-        runs.append((len(paths), seconds, max(peak for _, peak, _ in tries)))
-    (n_small, t_small, _), (n_large, t_large, peak) = runs
+        runs.append((len(paths), seconds, max(peak for _, peak, _ in tries), tries[-1][2]))
+    (n_small, t_small, _, _), (n_large, t_large, peak, log) = runs
     return {
+        "log": log,
         "images_per_sec": (n_large - n_small) / max(t_large - t_small, 1e-9),
         "wall_seconds": t_large,
         "wall_images_per_sec": n_large / t_large,
@@ -286,6 +289,7 @@ def batch_sweep(result: dict, paths: list[str], work: str, sizes: list[int]) -> 
     for size in sizes:
         command = imgembed_command(result["reference"], "--batch-size", str(size))
         rate = steady_rate(command, small, large, work, f"{result['model']}-batch{size}")
+        rate.pop("log")
         rows.append({"model": result["model"], "batch_size": size, **rate})
         print(json.dumps(rows[-1], default=float), flush=True)
     return rows
@@ -316,10 +320,13 @@ def bench_model(label: str, reference: str, paths: list[str], work: str) -> dict
         ]
 
     pipeline = steady_rate(ours, small, large, work, f"{label}-imgembed")
+    pipeline.pop("log")
     # The baseline is slower: the corpus alone already runs it for minutes.
     straightforward = steady_rate(baseline, paths[: len(paths) // 4], paths, work, f"{label}-baseline")
+    straightforward.pop("log")
     result = {
         "model": label,
+        "precision": "fp32",
         "reference": reference,
         "decode_core_seconds": decode_seconds,
         "model_core_seconds": model_seconds,
@@ -332,6 +339,60 @@ def bench_model(label: str, reference: str, paths: list[str], work: str) -> dict
     }
     print(json.dumps(result, default=float), flush=True)
     return result
+
+
+def bench_int8(fp32: dict, paths: list[str], work: str) -> dict:
+    """``imgembed embed --precision int8`` the same way as ``fp32`` (bench_model's
+    result), beside it: each run calibrates and checks its own int8 model, as a
+    user's run does (a fixed cost per run, which the steady rate cancels); the model
+    alone and the ceiling are measured on the int8 file the large run used. When the
+    fidelity gate sends the run back to fp32, the row says so."""
+    label, reference = fp32["model"], fp32["reference"]
+    spec = resolve_spec(reference)
+    # Sizes the runs only: about a minute each if int8 doubles the ceiling.
+    small, large = steady_corpus(paths, 2 * fp32["ceiling"])
+    name = f"{label}-imgembed-int8"
+    pipeline = steady_rate(imgembed_command(reference, "--precision", "int8"), small, large, work, name)
+    log = pipeline.pop("log")
+    result = {
+        "model": label,
+        "precision": "int8",
+        "reference": reference,
+        "decode_core_seconds": fp32["decode_core_seconds"],
+        "pipeline": pipeline,
+        "baseline": fp32["baseline"],
+        "pipeline_vs_baseline": pipeline["images_per_sec"] / fp32["baseline"]["images_per_sec"],
+        "pipeline_vs_fp32": pipeline["images_per_sec"] / fp32["pipeline"]["images_per_sec"],
+    }
+    record = os.path.join(work, f"{name}-large-output", "_models", f"int8-{spec.name}.json")
+    if not os.path.exists(record):  # the gate refused int8: fp32 ran
+        result |= {"fallback": next((line for line in log.splitlines() if "fp32 runs" in line), log[-300:])}
+    else:
+        with open(record) as file:
+            used = json.load(file)
+        int8_file = os.path.join(os.path.dirname(record), used["file"])
+        images = model_batch(int8_file, paths)
+        rates = model_rates(int8_file, images, backends=("tflite",))
+        best = min(rates, key=lambda r: r["core_seconds"])
+        model_seconds = model_core_seconds(int8_file, "tflite", images, best["images_per_sec"])
+        ceiling = CORES / (model_seconds + fp32["decode_core_seconds"])
+        result |= {
+            "fidelity": used["fidelity"],
+            "model_core_seconds": model_seconds,
+            "model_rates": rates,
+            "ceiling": ceiling,
+            "pipeline_vs_ceiling": pipeline["images_per_sec"] / ceiling,
+            "ops_outside_xnnpack": ops_outside_xnnpack(int8_file),
+        }
+    print(json.dumps(result, default=float), flush=True)
+    return result
+
+
+def ops_outside_xnnpack(tflite_file: str) -> list[str]:
+    """The ops of the model that XNNPACK's delegate left to TFLite's own kernels."""
+    from imgembed.models.tflite import ops_outside_delegates
+
+    return ops_outside_delegates(pathlib.Path(tflite_file).read_bytes())
 
 
 def memory_check(work: str, counts=(10_000, 100_000), distinct: int = 1000) -> list[dict]:
@@ -374,7 +435,12 @@ def cpu_description() -> str:
 
 
 def markdown(
-    results: list[dict], corpus: str, command: str, memory: list[dict] | None, batches: list[dict]
+    results: list[dict],
+    int8: list[dict],
+    corpus: str,
+    command: str,
+    memory: list[dict] | None,
+    batches: list[dict],
 ) -> str:
     lines = [
         "# Throughput: pipeline against the hardware ceiling",
@@ -398,6 +464,35 @@ def markdown(
             f"**{r['pipeline_vs_baseline']:.1f}x** | {r['pipeline']['wall_images_per_sec']:.0f}/s over "
             f"{r['pipeline']['images']} images | {r['pipeline']['peak_rss'] / 2**20:.0f} MiB |"
         )
+    if int8:
+        lines += [
+            "",
+            "`--precision int8` beside fp32, in the same run on the same images: each int8 run "
+            "calibrates on 200 of its images and checks on 200 others (the default gate, kNN@10 >= 0.9 "
+            "and mean cosine >= 0.98), a fixed cost per run that the steady rate cancels; model and "
+            "ceiling are measured on the int8 file the large run used.",
+            "",
+            "| model | float layers | fidelity on the run (kNN@10, mean cosine) | model (1 thread) | ceiling | "
+            "pipeline (steady) | pipeline / ceiling | **int8 / fp32 pipeline** | peak RSS | "
+            "ops XNNPACK leaves to TFLite |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in int8:
+            if "fallback" in r:
+                lines.append(
+                    f"| {r['model']} | gate refused int8: fp32 ran | {r['fallback']} | | | "
+                    f"{r['pipeline']['images_per_sec']:.0f}/s | | {r['pipeline_vs_fp32']:.2f}x | "
+                    f"{r['pipeline']['peak_rss'] / 2**20:.0f} MiB | |"
+                )
+                continue
+            fidelity = r["fidelity"]
+            lines.append(
+                f"| {r['model']} | {fidelity['float_layers']} | {fidelity['knn@10_overlap']:.3f}, "
+                f"{fidelity['cosine_mean']:.4f} | {r['model_core_seconds'] * 1000:.2f} ms | {r['ceiling']:.0f}/s | "
+                f"{r['pipeline']['images_per_sec']:.0f}/s | {r['pipeline_vs_ceiling']:.2f} | "
+                f"**{r['pipeline_vs_fp32']:.2f}x** | {r['pipeline']['peak_rss'] / 2**20:.0f} MiB | "
+                f"{', '.join(r['ops_outside_xnnpack']) or 'none'} |"
+            )
     lines += [
         "",
         f"Model alone on the machine, per backend (batch of {MODEL_BATCH} preprocessed images, best of {REPEATS}):",
@@ -405,10 +500,11 @@ def markdown(
         "| model | backend | threads | images/s | core-seconds per image |",
         "|---|---|---|---|---|",
     ]
-    for r in results:
+    for r in results + [r for r in int8 if "model_rates" in r]:
         for rate in r["model_rates"]:
+            backend = rate["backend"] + (" int8" if r["precision"] == "int8" else "")
             lines.append(
-                f"| {r['model']} | {rate['backend']} | {rate['threads']} | {rate['images_per_sec']:.1f} | "
+                f"| {r['model']} | {backend} | {rate['threads']} | {rate['images_per_sec']:.1f} | "
                 f"{rate['core_seconds'] * 1000:.2f} ms |"
             )
     if batches:
@@ -452,6 +548,9 @@ def main() -> int:
         default="",
         help="also run the pipeline at these --batch-size values on the last of --models (e.g. 8,32,128)",
     )
+    parser.add_argument(
+        "--int8", action="store_true", help="also run each model with --precision int8 beside fp32"
+    )
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks", "throughput.md"))
     args = parser.parse_args()
@@ -464,13 +563,14 @@ def main() -> int:
         paths = write_corpus(os.path.join(work, "corpus"), args.count)
         corpus = f"{len(paths)} generated photo-like JPEGs, 300 to 4000 px on the long side"
     results = [bench_model(label, models[label], paths, work) for label in args.models.split(",")]
+    int8 = [bench_int8(result, paths, work) for result in results] if args.int8 else []
     sizes = [int(size) for size in args.batch_sweep.split(",") if size]
     batches = batch_sweep(results[-1], paths, work, sizes) if sizes else []
     memory = memory_check(work) if args.memory_check else None
     command = "python bench/throughput.py " + " ".join(sys.argv[1:])
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as file:
-        file.write(markdown(results, corpus, command.strip(), memory, batches))
+        file.write(markdown(results, int8, corpus, command.strip(), memory, batches))
     chart = bar_chart_svg(
         "images/s on this machine",
         [
@@ -485,6 +585,10 @@ def main() -> int:
     for r in results:
         print(
             f"{r['model']}: pipeline / ceiling {r['pipeline_vs_ceiling']:.2f}, pipeline / baseline {r['pipeline_vs_baseline']:.1f}x"
+        )
+    for r in int8:
+        print(
+            f"{r['model']} int8: pipeline / fp32 pipeline {r['pipeline_vs_fp32']:.2f}x {r.get('fallback', '')}"
         )
     print(f"wrote {args.output}")
     if not args.work:

@@ -39,6 +39,8 @@ from imgembed.transforms.resize import Preprocessing
 # quantization step is "far above" it; only such layers may stay float.
 ERROR_RATIO_FOR_FLOAT = 10.0
 DEBUG_IMAGES = 20
+# Part of the name of cached int8 files: bump it when convert_to_int8 changes what it writes.
+CONVERSION_VERSION = 2
 
 
 def convert_to_int8(
@@ -75,35 +77,47 @@ def convert_to_int8(
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter(), debug_dataset=debug_images, debug_options=options
     )
-    data = debugger.get_nondebug_quantized_model()
+    data = tflite.global_pools_as_means(debugger.get_nondebug_quantized_model())
     return tflite.add_metadata(data, tflite.INPUT_RANGE_METADATA, tflite.UNIT_RANGE), kept_float
 
 
 def quantize_in_child(spec: ModelSpec, calibration: np.ndarray, float_layers: int) -> bytes:
     """``convert_to_int8`` of uint8 calibration pixels, in a fresh child process, so
-    that the caller (a job's launcher) never loads TensorFlow (~600 MB for good)."""
+    that the caller (a job's launcher) never loads TensorFlow (~600 MB for good).
+    The converter's own chatter (a line per layer from C++) goes to a log that is
+    shown only if the child dies."""
     import multiprocessing
+    import tempfile
 
     spawn = multiprocessing.get_context("spawn")
     receive, send = spawn.Pipe(duplex=False)
-    child = spawn.Process(target=_convert_and_send, args=(spec, calibration, float_layers, send), daemon=True)
-    child.start()
-    send.close()
-    try:
-        succeeded, value = receive.recv()
-    except EOFError:
-        raise ModelLoadError(
-            f"the process quantizing {spec.name} died (exit code {child.exitcode})"
-        ) from None
-    finally:
-        child.join()
-        receive.close()
+    with tempfile.NamedTemporaryFile(prefix="imgembed-quantize-", suffix=".log") as log:
+        child = spawn.Process(
+            target=_convert_and_send, args=(spec, calibration, float_layers, send, log.name), daemon=True
+        )
+        child.start()
+        send.close()
+        try:
+            succeeded, value = receive.recv()
+        except EOFError:
+            child.join()
+            last_lines = log.read().decode(errors="replace").strip().splitlines()[-5:]
+            raise ModelLoadError(
+                f"the process quantizing {spec.name} died (exit code {child.exitcode})"
+                + "".join(f"\n  {line}" for line in last_lines)
+            ) from None
+        finally:
+            child.join()
+            receive.close()
     if not succeeded:
         raise value
     return value
 
 
-def _convert_and_send(spec: ModelSpec, calibration: np.ndarray, float_layers: int, send) -> None:
+def _convert_and_send(spec: ModelSpec, calibration: np.ndarray, float_layers: int, send, log: str) -> None:
+    with open(log, "wb") as chatter:  # before TensorFlow starts writing to fds 1 and 2
+        os.dup2(chatter.fileno(), 1)
+        os.dup2(chatter.fileno(), 2)
     from imgembed.models.embedder import scale_pixels
 
     try:

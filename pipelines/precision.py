@@ -186,11 +186,12 @@ def quantized_file(model: PreparedModel, calibration: np.ndarray, float_layers: 
     """The int8 TFLite file of ``model`` calibrated on these images, from the cache
     when it was made before (named by the model's content and the images')."""
     from imgembed.models import fast_backend
-    from imgembed.models.quantize import quantize_in_child
+    from imgembed.models.quantize import CONVERSION_VERSION, quantize_in_child
 
     digest = hashlib.sha256(calibration.tobytes()).hexdigest()[:12]
     folder = fast_backend.cache_dir() / "int8"
-    name = f"{model.spec.name}-{fast_backend.content_hash(model.spec)}-{digest}-f{float_layers}.tflite"
+    model_hash = fast_backend.content_hash(model.spec)
+    name = f"{model.spec.name}-{model_hash}-{digest}-f{float_layers}-v{CONVERSION_VERSION}.tflite"
     path = folder / name
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
