@@ -57,6 +57,7 @@ from measure import run_measured  # noqa: E402
 from imgembed.common.charts import bar_chart_svg  # noqa: E402
 from imgembed.models.embedder import scale_pixels  # noqa: E402
 from imgembed.models.loading import load_model, resolve_spec  # noqa: E402
+from imgembed.pipelines.sources import IMAGE_EXTENSIONS  # noqa: E402
 from imgembed.transforms.decode import DecodeLimits, decode_image  # noqa: E402
 from imgembed.transforms.resize import Preprocessing  # noqa: E402
 
@@ -557,7 +558,11 @@ def main() -> int:
     work = args.work or tempfile.mkdtemp(prefix="imgembed-throughput-")
     models = prepare_models(work)
     if args.images:
-        paths = sorted(p for p in glob.glob(os.path.join(args.images, "*")) if os.path.isfile(p))
+        paths = sorted(
+            path  # absolute: the runs read them through links
+            for path in glob.glob(os.path.join(os.path.abspath(args.images), "*"))
+            if path.lower().endswith(tuple(f".{extension}" for extension in IMAGE_EXTENSIONS))
+        )
         corpus = f"{len(paths)} images from {args.images}"
     else:
         paths = write_corpus(os.path.join(work, "corpus"), args.count)

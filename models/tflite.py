@@ -89,9 +89,10 @@ def global_pools_as_means(data: bytes) -> bytes:
     last pool) replaced by a MEAN over height and width, which it equals. XNNPACK
     takes int8 MEAN but not int8 AVERAGE_POOL_2D: the pool alone split the model
     into two delegate partitions run by TFLite's kernel in between; as a MEAN the
-    whole model runs in XNNPACK (4% faster on 1.0_224), with the same vectors except
-    where a mean falls on a rounding tie, which the kernels break differently by one
-    int8 step: on 1.0_224's 7x7 map, 100 ImageNet images gave identical vectors."""
+    whole model runs in XNNPACK (1.0_224: 4% faster measured alternately), with
+    the same vectors except where a mean falls on a rounding tie, which the kernels
+    break differently by one int8 step: on 1.0_224's 7x7 map, 100 ImageNet images
+    gave identical vectors."""
     schema = _schema()
     ops = schema.BuiltinOperator
     model = read_model(data)

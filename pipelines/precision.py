@@ -47,8 +47,8 @@ MIN_IMAGES = 20
 # Layers left float, tried in turn until one passes the gate (models/quantize.py
 # picks the worst by TFLite's quantization debugger): each costs speed, so the
 # fewest that keep fidelity win. On MobileNet V1 1.0_224 and ImageNet photos
-# (docs/benchmarks/int8.md): 0 gave 2.82x the fp32 model's speed and kNN@10 0.83,
-# 1 gave 2.77x and 0.89, 2 gave 2.60x and 0.91.
+# (docs/benchmarks/int8.md): 0 gave 2.78x the fp32 model's speed and kNN@10 0.83,
+# 1 gave 2.71x and 0.89, 2 gave 2.53x and 0.91.
 FLOAT_LAYERS = (0, 1, 2)
 SAMPLE_SEED = 0
 
