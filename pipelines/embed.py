@@ -354,7 +354,7 @@ def run_work(output_dir: str, keys) -> tuple[dict, list[dict]]:
     fails and says which."""
     keys = sorted(keys)
     paths = [marker_path(output_dir, key) for key in keys]
-    found = storage.read_many(paths, lambda path: storage.read_json(path) if storage.exists(path) else None)
+    found = storage.read_many(paths, storage.read_json_if_exists)
     unmarked = [key for key, marker in zip(keys, found, strict=True) if marker is None]
     failed = outputs.read_failures(output_dir, unmarked)
     lost = sorted(set(unmarked) - {record["key"] for record in failed})

@@ -45,18 +45,19 @@ def content_digest(path: str) -> str:
     files = [path] if os.path.isfile(path) else storage.files_under(path)
     for file in sorted(files):
         digest.update(os.path.relpath(file, path).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        _hash_file(digest, file)
     return digest.hexdigest()[:16]
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
+def _hash_file(digest, path: str):
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def _file_sha256(path: str) -> str:
+    return _hash_file(hashlib.sha256(), path).hexdigest()
 
 
 def _files_of(path: str) -> dict[str, dict]:

@@ -79,13 +79,11 @@ def write_failure(output_dir: str, key: str, shard, reason: str, attempts: int) 
 def read_failures(output_dir: str, keys) -> list[dict]:
     """The failure records of these shards (those a job gave up)."""
     paths = [failure_path(output_dir, key) for key in sorted(keys)]
-    found = storage.read_many(paths, lambda path: storage.read_json(path) if storage.exists(path) else None)
-    return [record for record in found if record is not None]
+    return [record for record in storage.read_many(paths, storage.read_json_if_exists) if record is not None]
 
 
 def read_marker(output_dir: str, key: str) -> dict | None:
-    path = marker_path(output_dir, key)
-    return storage.read_json(path) if storage.exists(path) else None
+    return storage.read_json_if_exists(marker_path(output_dir, key))
 
 
 def delete_shards(output_dir: str, keys: list[str], model_names: list[str]) -> None:

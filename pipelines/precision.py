@@ -194,9 +194,5 @@ def quantized_file(model: PreparedModel, calibration: np.ndarray, float_layers: 
     name = f"{model.spec.name}-{model_hash}-{digest}-f{float_layers}-v{CONVERSION_VERSION}.tflite"
     path = folder / name
     if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        data = quantize_in_child(model.spec, calibration, float_layers)
-        aside = path.with_suffix(f".tmp-{os.getpid()}")
-        aside.write_bytes(data)
-        os.replace(aside, path)
+        storage.write_atomically(str(path), quantize_in_child(model.spec, calibration, float_layers))
     return str(path)

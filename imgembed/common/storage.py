@@ -156,6 +156,10 @@ def read_json(path: str) -> dict:
     return json.loads(read_bytes(path))
 
 
+def read_json_if_exists(path: str) -> dict | None:
+    return read_json(path) if exists(path) else None
+
+
 def read_many(paths: Iterable[str], read=read_bytes) -> list:
     """``read(path)`` of every path, PARALLEL_REQUESTS at a time, in order."""
     paths = list(paths)
@@ -192,15 +196,22 @@ def write_atomically(path: str, data: bytes) -> None:
     if not is_local(path):
         write_bytes(path, data)
         return
+    with _written_aside(path) as temporary:
+        write_bytes(temporary, data)
+
+
+@contextlib.contextmanager
+def _written_aside(path: str):
+    """A temporary name beside the local ``path`` to write, renamed over ``path``
+    once the block succeeds, deleted if it fails."""
     local = path.removeprefix("file://")
     temporary = join(parent(local), f".tmp-{uuid.uuid4().hex}")
-    write_bytes(temporary, data)
     try:
+        yield temporary
         os.replace(temporary, local)
-    except BaseException:
-        with contextlib.suppress(OSError):
+    finally:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
-        raise
 
 
 def delete(paths: list[str]) -> None:
@@ -229,21 +240,15 @@ def copy_file(source: str, destination: str) -> None:
 
     filesystems = _filesystems()
     ensure_folder(parent(destination))
-    local = is_local(destination)
-    written = join(parent(destination), f".tmp-{uuid.uuid4().hex}") if local else destination
     raw = CompressionTypes.UNCOMPRESSED
-    try:
-        with (
-            filesystems.open(source, compression_type=raw) as reader,
-            filesystems.create(written, compression_type=raw) as writer,
-        ):
-            for block in iter(lambda: reader.read(COPY_BLOCK_BYTES), b""):
-                writer.write(block)
-        if local:
-            os.replace(written.removeprefix("file://"), destination.removeprefix("file://"))
-    finally:
-        if local and os.path.exists(written):
-            os.remove(written)
+    aside = _written_aside(destination) if is_local(destination) else contextlib.nullcontext(destination)
+    with (
+        aside as written,
+        filesystems.open(source, compression_type=raw) as reader,
+        filesystems.create(written, compression_type=raw) as writer,
+    ):
+        for block in iter(lambda: reader.read(COPY_BLOCK_BYTES), b""):
+            writer.write(block)
 
 
 def files_under(folder: str) -> list[str]:
