@@ -29,7 +29,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from imgembed.common import storage
-from imgembed.common.runners import close_client, local_workers, spread_over
+from imgembed.common.runners import close_client, local_workers, spread_over, warn_of_stalling_dask_workers
 from imgembed.index import store
 from imgembed.index.build import add_locally
 from imgembed.index.faiss_index import (
@@ -126,6 +126,7 @@ def add_with_beam(
         add_locally(index, source, metric, refine, folder)
         return
     args = spread_over(list(pipeline_args or []), len(source.files))
+    warn_of_stalling_dask_workers(args)
     options = PipelineOptions(args)
     temp_location = options.view_as(GoogleCloudOptions).temp_location
     if temp_location is None and local_workers(options) is None:

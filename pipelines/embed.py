@@ -41,7 +41,13 @@ from apache_beam.options.pipeline_options import (
 
 from imgembed.common import progress, storage
 from imgembed.common.embedding_files import ID_SCHEME, key_of, marker_path, markers_glob
-from imgembed.common.runners import close_client, local_workers, spread_over, with_default_runner
+from imgembed.common.runners import (
+    close_client,
+    local_workers,
+    spread_over,
+    warn_of_stalling_dask_workers,
+    with_default_runner,
+)
 from imgembed.common.units import parse_size
 from imgembed.models.errors import ModelLoadError
 from imgembed.models.loading import BACKENDS, PreparedModel, prepared_meanwhile
@@ -516,6 +522,7 @@ def _run(config: EmbedConfig, argv: list[str], options, dry_run: bool, test_pipe
     if plan.todo or dry_run:  # with nothing to write, no job is started
         if not dry_run:
             write_plan(config.output_dir, key, plan.todo)
+            warn_of_stalling_dask_workers(argv)
         pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(spread_over(argv, PLAN_PARTS)))
         build_pipeline(pipeline, job)
         with MarkerWatcher(config.output_dir, {} if dry_run else plan.todo):

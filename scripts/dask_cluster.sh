@@ -23,6 +23,10 @@ case "${1:-}" in
     "$VENV/bin/dask" scheduler --host 127.0.0.1 --port "$port" --dashboard-address :0 \
       > "$state/scheduler.log" 2>&1 &
     echo $! >> "$state/pids"
+    # Dask's statistical profiler samples every thread's stack 100 times a second with
+    # sys._current_frames(), which on CPython before 3.11.9 can deadlock a worker
+    # (gh-106883): the scheduler restarts it only after worker-ttl (5 minutes).
+    export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False
     for ((i = 0; i < workers; i++)); do
       "$VENV/bin/dask" worker "tcp://127.0.0.1:$port" --nthreads 1 --name "worker-$i" \
         --dashboard-address :0 > "$state/worker-$i.log" 2>&1 &

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,30 +21,55 @@ from tests.servers import free_port
 
 BIN = os.path.dirname(sys.executable)
 START_SECONDS = 120
+# As scripts/dask_cluster.sh starts workers: without the statistical profiler, whose
+# sys._current_frames() every 10 ms deadlocks a worker now and then on CPython before
+# 3.11.9 (gh-106883; the scheduler restarts it only after worker-ttl, 5 minutes).
+NO_PROFILER = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
+NANNY_SAYS_ENDED = r"Worker process (\d+) (was killed by signal \d+|exited with status \d+)"
 
 
 @dataclasses.dataclass
 class DaskCluster:
     address: str
     workers: list[subprocess.Popen]  # each the session of a `dask worker` (its nanny and worker)
+    logs: list  # what the scheduler, then each worker's nanny and worker, printed
 
     @property
     def runner_flags(self) -> list[str]:
         return [f"--runner={DASK_RUNNER}", f"--dask_client_address={self.address}"]
 
-    def worker_pids(self) -> set[int]:
-        """The processes that run tasks (a nanny's child), as a marker records them."""
+    def worker_pids(self) -> dict[int, str]:
+        """The processes that run tasks now (a nanny's child), as a marker records
+        them, and the name of the worker each is."""
         from distributed import Client
 
         with Client(self.address, timeout=30) as client:
-            return set(client.run(os.getpid).values())
+            names = _names(client)
+            return {pid: names[address] for address, pid in client.run(os.getpid).items()}
+
+    def restarts(self) -> dict[int, tuple[str, str]]:
+        """The worker processes a nanny replaced: pid -> (worker name, how it ended),
+        from the nanny's own line ("Worker process 4038 was killed by signal 9")."""
+        ended = {}
+        for number, log in enumerate(self.logs[1:]):
+            for pid, how in re.findall(NANNY_SAYS_ENDED, _read(log)):
+                ended[int(pid)] = (f"worker-{number}", how)
+        return ended
+
+    def log_tails(self, characters: int = 3000) -> str:
+        """The end of every process's log, for a failure message."""
+        tails = []
+        names = ["scheduler", *(f"worker-{number}" for number in range(len(self.workers)))]
+        for name, log in zip(names, self.logs, strict=True):
+            tails.append(f"--- {name} ---\n{_read(log)[-characters:]}")
+        return "\n".join(tails)
 
     def is_running_a_task(self, number: int) -> bool:
         """Whether worker ``number`` is running a task now (so killing it loses one)."""
         from distributed import Client
 
         with Client(self.address, timeout=30) as client:
-            names = {address: info["name"] for address, info in client.scheduler_info()["workers"].items()}
+            names = _names(client)
             return any(
                 names.get(address) == f"worker-{number}" and keys
                 for address, keys in client.processing().items()
@@ -53,6 +79,17 @@ class DaskCluster:
         """SIGKILL of a worker's whole session, as a machine that dies."""
         os.killpg(self.workers[number].pid, signal.SIGKILL)
         self.workers[number].wait()
+
+
+def _read(log) -> str:
+    """All a running process has written to ``log`` so far, read without moving
+    the offset it shares with that process (a seek would make it write over the start)."""
+    return os.pread(log.fileno(), os.fstat(log.fileno()).st_size, 0).decode(errors="replace")
+
+
+def _names(client) -> dict[str, str]:
+    """Each worker's address -> its --name."""
+    return {address: info["name"] for address, info in client.scheduler_info()["workers"].items()}
 
 
 @contextlib.contextmanager
@@ -74,8 +111,8 @@ def dask_cluster(env: dict[str, str], credentials_json: str, workers: int = 2):
         for number in range(workers):
             command = [os.path.join(BIN, "dask"), "worker", address, "--nthreads", "1"]
             command += ["--name", f"worker-{number}", "--dashboard-address", ":0"]
-            started.append(isolated(command, env, credentials_json, logs[number + 1]))
-        cluster = DaskCluster(address, started)
+            started.append(isolated(command, env | NO_PROFILER, credentials_json, logs[number + 1]))
+        cluster = DaskCluster(address, started, logs)
         deadline = time.monotonic() + START_SECONDS
         while len(cluster.worker_pids()) < workers:
             if time.monotonic() > deadline:

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 
 import pytest
+from dask import config as dask_config
 
 from fixtures import tiny_models
-from imgembed.common import storage
+from imgembed.common import runners, storage
 from imgembed.common.embedding_files import embeddings_glob, errors_glob
 from imgembed.common.runners import DASK_RUNNER
 from imgembed.index import command as index_command
@@ -52,8 +54,10 @@ def test_the_embed_job_and_a_distributed_index_spread_over_dask_workers(gcs, das
     summary = embed.run(args + dask.runner_flags)
     assert summary.balanced and summary.inputs == summary.models[0].rows == 200
     assert summary.run.shards_written == summary.shards == 8
-    workers = {(marker["worker"]["host"], marker["worker"]["pid"]) for marker in markers(f"{root}/out")}
-    assert {pid for _, pid in workers} == dask.worker_pids(), workers  # both workers wrote shards
+    writers, live = {marker["worker"]["pid"] for marker in markers(f"{root}/out")}, dask.worker_pids()
+    assert writers == live.keys() and len(set(live.values())) == 2, (  # both wrote, neither was replaced
+        f"shards from {writers}, workers now {live}, replaced {dask.restarts()}\n{dask.log_tails()}"
+    )
 
     index = f"{root}/index"
     argv = ["--embeddings", f"{root}/out/launcher_only", "--output", index, "--distributed"]
@@ -68,26 +72,48 @@ def test_a_dask_worker_killed_mid_job_loses_nothing(gcs, dask, tmp_path):
     model = tiny_models.save_tflite(str(tmp_path / "tiny.tflite"))
     root, args = embed_args(gcs, "dask-kill", model)
     upload_photos(f"{root}/in", 300)
-    killed = threading.Event()
+    killed_at = []
 
     def kill_once_work_is_under_way():
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not (
-            len(storage.list_files(f"{root}/out/_shards/*.json")) >= 2 and dask.is_running_a_task(0)
-        ):
+        while len(storage.list_files(f"{root}/out/_shards/*.json")) < 2 or not dask.is_running_a_task(0):
+            if time.monotonic() > deadline:
+                return
             time.sleep(0.1)
         dask.kill_worker(0)  # the worker and its nanny, in the middle of a task
-        killed.set()
+        killed_at.append(time.monotonic())
 
     killer = threading.Thread(target=kill_once_work_is_under_way)
     killer.start()
     summary = embed.run(args + dask.runner_flags)
+    finished_at = time.monotonic()
     killer.join()
-    assert killed.is_set()
+    assert killed_at and killed_at[0] < finished_at, "worker 0 was never killed while the job ran"
     assert len(markers(f"{root}/out")) == 12 and summary.run.shards_written == 12
     rows = read_tables(embeddings_glob(f"{root}/out/tiny"))["uri"].to_pylist()
     errors = read_tables(errors_glob(f"{root}/out"))["uri"].to_pylist()
     assert len(rows) + len(errors) == len(set(rows + errors)) == 300 and summary.balanced
+
+
+def test_a_launch_warns_of_workers_whose_profiler_can_freeze_them(dask, caplog):
+    from distributed import Client
+
+    runners.warn_of_stalling_dask_workers(dask.runner_flags)
+    assert not caplog.records  # the test cluster starts its workers as scripts/dask_cluster.sh does
+
+    def profile(on: bool) -> None:
+        with Client(dask.address, timeout=30) as client:
+            client.run(dask_config.set, {"distributed.worker.profile.enabled": on})
+
+    profile(True)  # as `dask worker` starts by default
+    try:
+        runners.warn_of_stalling_dask_workers(dask.runner_flags)
+    finally:
+        profile(False)
+    if sys.version_info[:2] == (3, 11):
+        workers = len(dask.worker_pids())  # one, after a test killed the other
+        assert f"Dask's statistical profiler runs on {workers} worker(s) on CPython 3.11" in caplog.text
+        assert runners.NO_DASK_PROFILER in caplog.text
 
 
 def test_the_transform_stage_is_refused_on_dask_with_the_reason(gcs, dask, capsys):

@@ -8,7 +8,9 @@ path), on a ``dask.distributed`` cluster given by ``--dask_client_address``.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 DEFAULT_RUNNER_ARGS = [
     "--runner=DirectRunner",
@@ -17,6 +19,9 @@ DEFAULT_RUNNER_ARGS = [
 ]
 LOCAL_RUNNERS = (None, "DirectRunner", "FnApiRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+NO_DASK_PROFILER = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"
+
+_log = logging.getLogger(__name__)
 
 
 def with_default_runner(args: list[str]) -> list[str]:
@@ -33,6 +38,12 @@ def _full_runner_name(before: str | None, arg: str) -> str:
 
 def _pairs(args: list[str]):
     return zip([None, *args][: len(args)], args, strict=True)
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    """The value of ``--name=value`` or ``--name value`` in ``args``."""
+    given = next((arg.split("=", 1)[1] for arg in args if arg.startswith(f"{name}=")), None)
+    return given or next((arg for before, arg in _pairs(args) if before == name), None)
 
 
 def local_workers(options) -> int | None:
@@ -52,9 +63,7 @@ def spread_over(args: list[str], parts: int) -> list[str]:
     the workers. Runners that shuffle after that step need nothing; Beam's DaskRunner
     does not shuffle (its Reshuffle is a no-op) and makes one task of each of a
     Create's ``--dask_npartitions``: one per element, unless the flag says otherwise."""
-    runner = next((arg.split("=", 1)[1] for arg in args if arg.startswith("--runner=")), None)
-    runner = runner or next((arg for before, arg in _pairs(args) if before == "--runner"), None)
-    if runner != DASK_RUNNER or any(
+    if _flag(args, "--runner") != DASK_RUNNER or any(
         arg.startswith(("--dask_npartitions", "--dask_partition_size")) for arg in args
     ):
         return args
@@ -67,3 +76,37 @@ def close_client(result) -> None:
     client = getattr(result, "client", None)
     if client is not None:
         client.close()
+
+
+def warn_of_stalling_dask_workers(args: list[str]) -> None:
+    """Warns when the Dask cluster ``args`` name has workers that can stall: Dask's
+    statistical profiler calls sys._current_frames() every 10 ms, which on CPython
+    3.11 now and then deadlocks the worker (CPython gh-106883; seen with 3.11.7)
+    until the scheduler restarts it after worker-ttl (5 minutes). Its tasks then run
+    again elsewhere, so nothing is lost but time."""
+    address = _flag(args, "--dask_client_address")
+    if _flag(args, "--runner") != DASK_RUNNER or not address:
+        return
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=30) as client:
+            at_risk = [worker for worker, risky in client.run(profiler_can_deadlock).items() if risky]
+    except Exception as error:  # the job's own start says what is wrong with the cluster
+        _log.debug("could not ask the Dask workers about their profiler: %s", error)
+        return
+    if at_risk:
+        _log.warning(
+            "Dask's statistical profiler runs on %d worker(s) on CPython 3.11, where it can "
+            "freeze a worker for minutes (CPython gh-106883): start workers with %s "
+            "(scripts/dask_cluster.sh does)",
+            len(at_risk),
+            NO_DASK_PROFILER,
+        )
+
+
+def profiler_can_deadlock() -> bool:
+    """On a Dask worker: whether its profiler runs on a CPython that it can deadlock."""
+    import dask
+
+    return sys.version_info[:2] == (3, 11) and bool(dask.config.get("distributed.worker.profile.enabled"))
