@@ -22,8 +22,8 @@ from tests.servers import free_port
 BIN = os.path.dirname(sys.executable)
 START_SECONDS = 120
 # As scripts/dask_cluster.sh starts workers: without the statistical profiler, whose
-# sys._current_frames() every 10 ms deadlocks a worker now and then on CPython before
-# 3.11.9 (gh-106883; the scheduler restarts it only after worker-ttl, 5 minutes).
+# sys._current_frames() every 10 ms deadlocks a worker now and then on CPython 3.11
+# (gh-106883; the scheduler restarts it only after worker-ttl, 5 minutes).
 NO_PROFILER = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
 NANNY_SAYS_ENDED = r"Worker process (\d+) (was killed by signal \d+|exited with status \d+)"
 
