@@ -25,6 +25,7 @@ path was typed.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -196,8 +197,22 @@ def expand_patterns(patterns: list[str]) -> list[str]:
         raise InputError(f"cannot list {', '.join(patterns)}: {error}") from error
     for pattern, files in zip(expanded, found, strict=True):
         if not files:
-            raise InputError(f"no files match {pattern}")
+            raise InputError(f"no files match {pattern}{_links_to_nothing(pattern)}")
     return expanded
+
+
+def _links_to_nothing(pattern: str) -> str:
+    """What else a local pattern that matches no file names: symbolic links to nothing,
+    which Beam's LocalFileSystem leaves out without a word."""
+    if not storage.is_local(pattern):
+        return ""
+    found = glob.iglob(pattern.removeprefix("file://"), recursive=True)
+    broken = sorted(path for path in found if os.path.islink(path) and not os.path.exists(path))
+    if not broken:
+        return ""
+    return (
+        f" (it names {len(broken)} symbolic link(s) to nothing, e.g. {broken[0]} -> {os.readlink(broken[0])})"
+    )
 
 
 def _is_folder(path: str) -> bool:

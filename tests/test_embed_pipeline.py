@@ -256,6 +256,12 @@ def test_inference_failures_become_error_rows(photo_dir, tmp_path):
 def test_bad_arguments_get_a_message_not_a_traceback(tmp_path, capsys):
     assert embed.main([f"--input={tmp_path}/nothing*", f"--output={tmp_path}/o"] + IN_PROCESS) == 2
     assert "no files match" in capsys.readouterr().err
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "moved.jpg").symlink_to(tmp_path / "gone.jpg")
+    assert embed.main([f"--input={tmp_path}/links", f"--output={tmp_path}/o"] + IN_PROCESS) == 2
+    err = capsys.readouterr().err
+    assert f"no files match {tmp_path}/links/** (it names 1 symbolic link(s) to nothing, e.g. " in err
+    assert f"moved.jpg -> {tmp_path}/gone.jpg)" in err
     assert embed.main([f"--input={tmp_path}", "--resize=stretch", f"--output={tmp_path}/o"] + IN_PROCESS) == 2
     assert "crop, squash, pad" in capsys.readouterr().err
     assert embed.main([f"--input={tmp_path}"] + IN_PROCESS) == 2
