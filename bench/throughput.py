@@ -237,9 +237,9 @@ def linked_folder(paths: list[str], folder: str) -> str:
     return folder
 
 
-def steady_rate(command_for, small: list[str], large: list[str], work: str, name: str) -> dict:
+def steady_rate(command_for, small: list[str], large: list[str], work: str, name: str) -> tuple[dict, str]:
     """images/s between two runs of different sizes (start-up cancels out), each
-    size the best of PIPELINE_TRIES runs."""
+    size the best of PIPELINE_TRIES runs; and what the last large run printed."""
     runs = []
     for label, paths in (("small", small), ("large", large)):
         folder = linked_folder(paths, os.path.join(work, f"{name}-{len(paths)}-input"))
@@ -249,13 +249,12 @@ def steady_rate(command_for, small: list[str], large: list[str], work: str, name
         runs.append((len(paths), seconds, max(peak for _, peak, _ in tries), tries[-1][2]))
     (n_small, t_small, _, _), (n_large, t_large, peak, log) = runs
     return {
-        "log": log,
         "images_per_sec": (n_large - n_small) / max(t_large - t_small, 1e-9),
         "wall_seconds": t_large,
         "wall_images_per_sec": n_large / t_large,
         "peak_rss": peak,
         "images": n_large,
-    }
+    }, log
 
 
 def imgembed_command(reference: str, *flags: str):
@@ -289,8 +288,7 @@ def batch_sweep(result: dict, paths: list[str], work: str, sizes: list[int]) -> 
     rows = []
     for size in sizes:
         command = imgembed_command(result["reference"], "--batch-size", str(size))
-        rate = steady_rate(command, small, large, work, f"{result['model']}-batch{size}")
-        rate.pop("log")
+        rate, _ = steady_rate(command, small, large, work, f"{result['model']}-batch{size}")
         rows.append({"model": result["model"], "batch_size": size, **rate})
         print(json.dumps(rows[-1], default=float), flush=True)
     return rows
@@ -320,11 +318,9 @@ def bench_model(label: str, reference: str, paths: list[str], work: str) -> dict
             str(spec.image_size),
         ]
 
-    pipeline = steady_rate(ours, small, large, work, f"{label}-imgembed")
-    pipeline.pop("log")
+    pipeline, _ = steady_rate(ours, small, large, work, f"{label}-imgembed")
     # The baseline is slower: the corpus alone already runs it for minutes.
-    straightforward = steady_rate(baseline, paths[: len(paths) // 4], paths, work, f"{label}-baseline")
-    straightforward.pop("log")
+    straightforward, _ = steady_rate(baseline, paths[: len(paths) // 4], paths, work, f"{label}-baseline")
     result = {
         "model": label,
         "precision": "fp32",
@@ -353,8 +349,7 @@ def bench_int8(fp32: dict, paths: list[str], work: str) -> dict:
     # Sizes the runs only: about a minute each if int8 doubles the ceiling.
     small, large = steady_corpus(paths, 2 * fp32["ceiling"])
     name = f"{label}-imgembed-int8"
-    pipeline = steady_rate(imgembed_command(reference, "--precision", "int8"), small, large, work, name)
-    log = pipeline.pop("log")
+    pipeline, log = steady_rate(imgembed_command(reference, "--precision", "int8"), small, large, work, name)
     result = {
         "model": label,
         "precision": "int8",
