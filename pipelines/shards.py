@@ -25,9 +25,9 @@ path was typed.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
+import logging
 import os
 
 from imgembed.common import storage
@@ -48,6 +48,8 @@ SIDECAR_SUFFIXES = (".json", ".txt")
 STATS_SUFFIX = "_stats.json"
 PLAN_FOLDER = "_plan"
 FILES = "files"
+
+_log = logging.getLogger(__name__)
 
 
 class InputFormat(Choice):
@@ -181,9 +183,13 @@ def settings_of(key: str) -> str:
     return key.split("-", 1)[0]
 
 
-def expand_patterns(patterns: list[str]) -> list[str]:
-    """Canonical patterns, folders turned into recursive globs; refuses patterns that
-    match nothing."""
+def _listed(patterns: list[str]) -> dict[str, storage.FileStat]:
+    """Every file the patterns match, by canonical path, listed once; folders are
+    recursive globs. Refuses a pattern that matches nothing.
+
+    A symbolic link to nothing is listed with the link's own stat, so that it ends
+    as a ``not_found`` error row instead of vanishing (Beam's LocalFileSystem leaves
+    it out); links to folders are not followed, as by Beam, and said so once."""
     canonical = [storage.canonical_pattern(pattern) for pattern in patterns]
     expanded = [
         storage.join(pattern.rstrip("/"), "**")
@@ -195,24 +201,40 @@ def expand_patterns(patterns: list[str]) -> list[str]:
         found = storage.match_stats(expanded)
     except Exception as error:  # each filesystem raises its own kind of error
         raise InputError(f"cannot list {', '.join(patterns)}: {error}") from error
-    for pattern, files in zip(expanded, found, strict=True):
-        if not files:
-            raise InputError(f"no files match {pattern}{_links_to_nothing(pattern)}")
-    return expanded
+    files: dict[str, storage.FileStat] = {}
+    folder_links: list[str] = []
+    for pattern, matched in zip(expanded, found, strict=True):
+        links = storage.symbolic_links(pattern)
+        to_nothing = [link for link in links if not os.path.exists(link)]
+        if not matched:
+            named = f" (it names {_some(to_nothing, 'symbolic link(s) to nothing')})" if to_nothing else ""
+            raise InputError(f"no files match {pattern}{named}")
+        folder_links += [link for link in links if os.path.isdir(link)]
+        for path in to_nothing:
+            matched.setdefault(path, _stat_of_link(path))
+        for path, stat in matched.items():
+            if not (storage.is_local(path) and os.path.isdir(path)):
+                files[storage.canonical(path)] = stat
+    if folder_links:
+        _log.warning(
+            "%s: not followed (Beam's match does not follow them); name such a folder itself "
+            "to embed what it holds",
+            _some(folder_links, "symbolic link(s) to folders"),
+        )
+    return files
 
 
-def _links_to_nothing(pattern: str) -> str:
-    """What else a local pattern that matches no file names: symbolic links to nothing,
-    which Beam's LocalFileSystem leaves out without a word."""
-    if not storage.is_local(pattern):
-        return ""
-    found = glob.iglob(pattern.removeprefix("file://"), recursive=True)
-    broken = sorted(path for path in found if os.path.islink(path) and not os.path.exists(path))
-    if not broken:
-        return ""
-    return (
-        f" (it names {len(broken)} symbolic link(s) to nothing, e.g. {broken[0]} -> {os.readlink(broken[0])})"
-    )
+def _some(links: list[str], what: str) -> str:
+    """``3 symbolic link(s) to nothing, e.g. a.jpg -> gone.jpg``"""
+    first = sorted(links)[0]
+    return f"{len(links)} {what}, e.g. {first} -> {os.readlink(first)}"
+
+
+def _stat_of_link(path: str) -> storage.FileStat:
+    """A link's own size (its target's length) and time: they change when it is
+    pointed elsewhere, and a link mended to point at a file is listed as that file."""
+    link = os.lstat(path)
+    return storage.FileStat(link.st_size, link.st_mtime)
 
 
 def _is_folder(path: str) -> bool:
@@ -234,11 +256,7 @@ def list_inputs(patterns: list[str], input_format: InputFormat) -> dict[str, Inp
     side files are not inputs: its ``_stats.json``, the metadata Parquet beside each
     tar, and the ``.json`` and ``.txt`` beside each image, which become that image's
     metadata (and part of its stamp)."""
-    files: dict[str, storage.FileStat] = {}
-    for found in storage.match_stats(expand_patterns(patterns)):
-        for path, stat in found.items():
-            if not (storage.is_local(path) and os.path.isdir(path)):
-                files[storage.canonical(path)] = stat
+    files = _listed(patterns)
     stems = {
         os.path.splitext(path)[0]: path
         for path in files

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imgembed.common.storage import is_local
 from imgembed.pipelines.shards import InputShard
 from imgembed.transforms.decode import DecodeLimits, ImageError, check_file_size
 
@@ -112,6 +113,14 @@ def is_missing(error: BaseException) -> bool:
     return False
 
 
+def gone(path: str, error: BaseException) -> ImageError:
+    """The error of an input that cannot be found: deleted since it was listed, or a
+    symbolic link to nothing (listed so that it is not lost without a word)."""
+    if is_local(path) and os.path.islink(path):
+        return ImageError(NOT_FOUND, f"{path} is a symbolic link to nothing (-> {os.readlink(path)})")
+    return ImageError(NOT_FOUND, f"{path} is gone: {error}")
+
+
 def with_retries(read: Callable[[], object], what: str, pauses: tuple[float, ...]):
     """``read()``, tried again after each pause while it fails for a reason that is
     not the input's own; a missing file is an ImageError, the rest ShardUnreadable."""
@@ -122,7 +131,7 @@ def with_retries(read: Callable[[], object], what: str, pauses: tuple[float, ...
             raise
         except Exception as error:  # every filesystem raises its own kinds
             if is_missing(error):
-                raise ImageError(NOT_FOUND, f"{what} is gone: {error}") from None
+                raise gone(what, error) from None
             if attempt == len(pauses):
                 raise ShardUnreadable(f"cannot read {what}: {type(error).__name__}: {error}") from error
             _log.info("reading %s failed (%s); trying again in %.1f s", what, error, pauses[attempt])
@@ -160,7 +169,7 @@ def _container(kind: str, path: str, options: ReadOptions) -> Iterator[Record]:
             return
         except Exception as error:  # every filesystem raises its own kinds
             if is_missing(error) and delivered == 0:
-                yield Record(path, ImageError(NOT_FOUND, f"{path} is gone: {error}"))
+                yield Record(path, gone(path, error))
                 return
             if attempt == len(options.pauses):
                 raise ShardUnreadable(
@@ -202,7 +211,13 @@ def _image_files(shard: InputShard, options: ReadOptions, reader: ThreadPoolExec
     else:
         contents = _files_in_threads(shard, options, reader)
     for (path, data), names in zip(contents, sidecars, strict=True):
-        yield Record(path, data, _sidecar_metadata(names, options) if names else None)
+        metadata = None
+        if names and not isinstance(data, ImageError):
+            try:
+                metadata = _sidecar_metadata(names, options)
+            except ImageError as error:  # a metadata file cannot be found: no row without it
+                data = ImageError(error.reason, f"its metadata file: {error.message}")
+        yield Record(path, data, metadata)
 
 
 def _local_files(shard: InputShard, options: ReadOptions):

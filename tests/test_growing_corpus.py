@@ -17,7 +17,7 @@ from imgembed.pipelines import embed, outputs
 from imgembed.pipelines.plan import plan_run
 from imgembed.pipelines.shards import FILES, InputFile, InputShard, shard_key
 from imgembed.service.searcher import QueryError, Searcher
-from tests.test_embed_pipeline import IN_PROCESS, embeddings
+from tests.test_embed_pipeline import IN_PROCESS, embeddings, errors
 
 MODEL = "tiny_mobilenet_64"
 
@@ -125,6 +125,32 @@ def test_other_bytes_of_the_same_size_are_embedded_again(tiny_model_dir, tmp_pat
     assert (summary.run.changed_inputs, summary.models[0].embedded, summary.run.rows_reused) == (1, 1, 3)
     rows = {row["uri"]: row for row in embeddings(tmp_path / "out", MODEL).to_pylist()}
     assert len(rows) == 4 and rows[str(changed)]["sha256"] == hashlib.sha256(changed.read_bytes()).hexdigest()
+
+
+def test_a_link_to_nothing_is_an_error_row_until_it_points_at_an_image(tiny_model_dir, tmp_path, caplog):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed in range(3):
+        photo_like(seed, 40, 30).save(folder / f"{seed}.jpg")
+    link = folder / "3.jpg"
+    link.symlink_to(tmp_path / "not_yet.jpg")
+    (tmp_path / "album").mkdir()
+    (folder / "album").symlink_to(tmp_path / "album")
+    args = [f"--input={folder}", f"--output={tmp_path / 'out'}", f"--model={tiny_model_dir}"] + IN_PROCESS
+    summary = embed.run(args)
+    assert (summary.inputs, summary.models[0].rows) == (4, 3)
+    (error,) = errors(tmp_path / "out").to_pylist()
+    assert (error["uri"], error["reason"]) == (str(link), "not_found")
+    assert error["message"] == f"{link} is a symbolic link to nothing (-> {tmp_path}/not_yet.jpg)"
+    assert f"1 symbolic link(s) to folders, e.g. {folder}/album -> {tmp_path}/album: not followed" in caplog.text
+
+    photo_like(9, 40, 30).save(tmp_path / "not_yet.jpg")  # the link is mended
+    summary = embed.run(args)
+    assert (summary.run.changed_inputs, summary.models[0].embedded, summary.run.rows_reused) == (1, 1, 3)
+    assert sorted(embeddings(tmp_path / "out", MODEL)["uri"].to_pylist()) == [
+        str(folder / f"{number}.jpg") for number in range(4)
+    ]
+    assert errors(tmp_path / "out").num_rows == 0
 
 
 def test_a_rewrite_killed_before_it_deleted_the_shard_it_replaces_leaves_no_duplicate(

@@ -220,6 +220,20 @@ def test_img2dataset_side_files_are_not_inputs_and_sidecars_become_metadata(tmp_
     assert record.metadata == {"key": "000000001", "caption": "from json"}
 
 
+def test_a_metadata_file_that_cannot_be_found_makes_its_image_an_error_row(tmp_path):
+    (tmp_path / "1.jpg").write_bytes(b"x")
+    (tmp_path / "1.json").symlink_to(tmp_path / "moved.json")
+    (tmp_path / "2.jpg").write_bytes(b"y")
+    (images,) = plan_shards([str(tmp_path)], InputFormat.AUTO, files_per_shard=10)
+    assert images.sidecars == ((str(tmp_path / "1.json"),), ())
+    first, second = sources.read_shard(images, NO_PAUSES, None)
+    assert (first.data.reason, first.data.message) == (
+        sources.NOT_FOUND,
+        f"its metadata file: {tmp_path}/1.json is a symbolic link to nothing (-> {tmp_path}/moved.json)",
+    )
+    assert second.data == b"y"
+
+
 def write_containers(folder, count: int) -> dict[str, str]:
     """A TFRecord, a WebDataset tar and a Parquet file of ``count`` records each."""
     import tensorflow as tf

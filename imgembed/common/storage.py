@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import posixpath
+import re
 import sys
 import threading
 import uuid
@@ -135,6 +136,41 @@ def match_stats(patterns: list[str]) -> list[dict[str, FileStat]]:
 def match_sizes(patterns: list[str]) -> list[dict[str, int]]:
     """{path: size} for each pattern, the patterns listed at the same time."""
     return [{path: stat.size for path, stat in found.items()} for found in match_stats(patterns)]
+
+
+def symbolic_links(pattern: str) -> list[str]:
+    """The symbolic links a local pattern matches, named as Beam's match names files.
+    Its LocalFileSystem lists none of those it cannot stat (links to nothing) and
+    walks into none of those to folders: the caller decides what becomes of them.
+    Object stores have no links."""
+    if not is_local(pattern):
+        return []
+    from apache_beam.io.filesystem import FileMetadata
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    local = pattern.removeprefix("file://")
+    before_glob = re.match(r"[^[*?]*", local).group(0)
+    if before_glob == local:
+        links = [local] if os.path.islink(local) else []
+    else:  # the folder Beam walks for this pattern, filtered by the same rules
+        links = list(_links_under(os.path.dirname(before_glob)))
+    candidates = [FileMetadata(path, 0) for path in links]
+    return [found.path for found in LocalFileSystem(None).match_files(candidates, local)]
+
+
+def _links_under(folder: str) -> Iterable[str]:
+    """Every symbolic link in a folder tree, without following any (as os.walk)."""
+    pending = [folder]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        yield entry.path
+                    elif entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+        except OSError:  # gone or unreadable: Beam's walk passes over it too
+            continue
 
 
 def open_file(path: str):
