@@ -39,16 +39,6 @@ class StagedModel:
     fidelity: dict | None = None
 
 
-def content_digest(path: str) -> str:
-    """sha256 of a local file, or of a folder's relative names and bytes."""
-    digest = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else storage.files_under(path)
-    for file in sorted(files):
-        digest.update(os.path.relpath(file, path).encode() + b"\0")
-        _hash_file(digest, file)
-    return digest.hexdigest()[:16]
-
-
 def _hash_file(digest, path: str):
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -83,16 +73,20 @@ def _staged_sizes(target: str, folder: bool) -> dict[str, int]:
     }
 
 
-def _stage(local: str, models_dir: str, name: str, dry_run: bool) -> str:
-    """The staged copy of a local file or folder. A copy is trusted only when the
+def _stage(local: str, models_dir: str, dry_run: bool, named_by_content: bool = False) -> str:
+    """The staged copy of a local file or folder (its name prefixed with a digest of
+    its files unless ``named_by_content`` already). A copy is trusted only when the
     record written after it (``<name>.staged.json``: each file's size and sha256)
     matches the local files and every staged file has its size: a launch killed
     while it copied leaves a copy without a record, or a file cut short, and the
     next launch stages it again."""
+    files, folder = _files_of(local), os.path.isdir(local)
+    name = os.path.basename(local)
+    if not named_by_content:
+        name = f"{hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]}-{name}"
     target = storage.join(models_dir, name)
     if dry_run:
         return target
-    files, folder = _files_of(local), os.path.isdir(local)
     sizes = {relative: file["size"] for relative, file in files.items()}
     record = target + STAGED_SUFFIX
     if (
@@ -121,14 +115,9 @@ def stage(prepared: PreparedModel, output_dir: str, dry_run: bool = False) -> St
     """Where workers load ``prepared`` from; copies what they could not reach."""
     spec, models_dir = prepared.spec, storage.join(output_dir, MODELS_FOLDER)
     if prepared.tflite_file is not None:  # the conversion is named by its content already
-        source = _stage(prepared.tflite_file, models_dir, os.path.basename(prepared.tflite_file), dry_run)
+        source = _stage(prepared.tflite_file, models_dir, dry_run, named_by_content=True)
         runtime = dataclasses.replace(spec, source=source, format=Format.TFLITE)
         return StagedModel(spec, prepared.backend, runtime, prepared.precision, prepared.fidelity)
     parts = spec.source.split("+") if spec.format is Format.TFLITE else [spec.source]
-    staged = [
-        _stage(part, models_dir, f"{content_digest(part)}-{os.path.basename(part)}", dry_run)
-        if _needs_staging(part)
-        else part
-        for part in parts
-    ]
+    staged = [_stage(part, models_dir, dry_run) if _needs_staging(part) else part for part in parts]
     return StagedModel(spec, prepared.backend, dataclasses.replace(spec, source="+".join(staged)))
