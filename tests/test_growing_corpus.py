@@ -142,7 +142,9 @@ def test_a_link_to_nothing_is_an_error_row_until_it_points_at_an_image(tiny_mode
     (error,) = errors(tmp_path / "out").to_pylist()
     assert (error["uri"], error["reason"]) == (str(link), "not_found")
     assert error["message"] == f"{link} is a symbolic link to nothing (-> {tmp_path}/not_yet.jpg)"
-    assert f"1 symbolic link(s) to folders, e.g. {folder}/album -> {tmp_path}/album: not followed" in caplog.text
+    assert (
+        f"1 symbolic link(s) to folders, e.g. {folder}/album -> {tmp_path}/album: not followed" in caplog.text
+    )
 
     photo_like(9, 40, 30).save(tmp_path / "not_yet.jpg")  # the link is mended
     summary = embed.run(args)
