@@ -24,7 +24,7 @@ case "${1:-}" in
       > "$state/scheduler.log" 2>&1 &
     echo $! >> "$state/pids"
     # Dask's statistical profiler samples every thread's stack 100 times a second with
-    # sys._current_frames(), which on CPython before 3.11.9 can deadlock a worker
+    # sys._current_frames(), which on CPython 3.11 can deadlock a worker
     # (gh-106883): the scheduler restarts it only after worker-ttl (5 minutes).
     export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False
     for ((i = 0; i < workers; i++)); do

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from imgembed.common.runners import DASK_RUNNER
+from imgembed.common.runners import DASK_RUNNER, NO_DASK_PROFILER
 from tests.beam_workers import isolated, wait_for_port
 from tests.servers import free_port
 
@@ -24,7 +24,7 @@ START_SECONDS = 120
 # As scripts/dask_cluster.sh starts workers: without the statistical profiler, whose
 # sys._current_frames() every 10 ms deadlocks a worker now and then on CPython 3.11
 # (gh-106883; the scheduler restarts it only after worker-ttl, 5 minutes).
-NO_PROFILER = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
+NO_PROFILER = dict([NO_DASK_PROFILER.split("=")])
 NANNY_SAYS_ENDED = r"Worker process (\d+) (was killed by signal \d+|exited with status \d+)"
 
 
